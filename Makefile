@@ -1,0 +1,34 @@
+# Two commands set everything up: `make demo` and `make test`. Both create .venv when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test test-slow lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/hpo run --space spaces/digits-quick.toml --workers 2 --study demo-$$(date +%Y%m%d-%H%M%S)
+
+test: $(STAMP)
+	bash scripts/ensure-postgres.sh
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+test-slow: $(STAMP)
+	bash scripts/ensure-postgres.sh
+	$(PY) -m pytest -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) bench/trainer_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache hpo-artifacts *.db

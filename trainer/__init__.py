@@ -1,0 +1,1 @@
+"""Train one ResNet image classifier from a `TrainConfig`. Knows PyTorch; never imports optuna."""

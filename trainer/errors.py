@@ -1,0 +1,33 @@
+"""Typed failures of a training run, so a caller can tell a bad region from a broken run."""
+
+from __future__ import annotations
+
+
+class TrainError(RuntimeError):
+    """Base of the trainer's own failures."""
+
+
+class Diverged(TrainError):
+    """The loss became NaN or infinite; raised at the step it happened, not at epoch end."""
+
+    def __init__(self, epoch: int, step: int, loss: float) -> None:
+        super().__init__(f"loss is {loss} at epoch {epoch}, step {step}: training diverged")
+        self.epoch, self.step, self.loss = epoch, step, loss
+
+
+class OutOfMemory(TrainError):
+    """Even a micro-batch of one image did not fit on the device."""
+
+    def __init__(self, batch_size: int, detail: str) -> None:
+        super().__init__(
+            f"out of memory at batch size {batch_size}, even with micro-batches of 1: {detail}"
+        )
+        self.batch_size = batch_size
+
+
+class Interrupted(TrainError):
+    """Stopped on request (SIGTERM); `last_epoch` is the last epoch with a checkpoint (0: none)."""
+
+    def __init__(self, last_epoch: int) -> None:
+        super().__init__(f"interrupted; the last checkpoint is of epoch {last_epoch}")
+        self.last_epoch = last_epoch

@@ -1,0 +1,43 @@
+"""Optimizer construction: parameter groups without decay on norms/biases, and a slower backbone."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainer.config import TrainConfig
+from trainer.models import is_head
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum or Nesterov) or AdamW over up to four groups: {backbone, head} x {decay, not}.
+
+    Each group carries `lr_mult`; `set_lr` multiplies the scheduled rate by it. Frozen parameters
+    are left out entirely so they cannot move through weight decay or momentum.
+    """
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        # 1-d tensors are norm scales/shifts and biases: decaying them only fights the norm.
+        decays = param.ndim > 1
+        groups.setdefault((is_head(name), decays), []).append(param)
+    param_groups = [
+        {
+            "params": params,
+            "weight_decay": cfg.weight_decay if decays else 0.0,
+            "lr_mult": 1.0 if head else cfg.backbone_lr_mult,
+            "lr": 0.0,
+        }
+        for (head, decays), params in sorted(groups.items())
+    ]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=0.0, betas=(cfg.momentum, 0.999))
+    return torch.optim.SGD(
+        param_groups, lr=0.0, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov"
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]

@@ -1,0 +1,103 @@
+"""One optimizer step, split into micro-batches, that falls back to smaller ones on OOM.
+
+The effective batch never changes: gradients of the micro-batches are summed with weights
+len(micro) / len(batch), so a step on 4 x 32 images equals a step on 128 images up to float
+rounding and BatchNorm's per-micro-batch statistics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from trainer.config import TrainConfig, fault_of
+from trainer.device import Runtime, release_memory
+from trainer.errors import Diverged, OutOfMemory
+from trainer.evaluate import autocast
+from trainer.losses import kd_loss
+
+
+class StepRunner:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        rt: Runtime,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        teacher: nn.Module | None,
+        class_weight: Tensor | None,
+    ) -> None:
+        self.cfg, self.rt, self.model, self.optimizer = cfg, rt, model, optimizer
+        self.scaler, self.teacher, self.class_weight = scaler, teacher, class_weight
+        self.micro_batch = cfg.batch_size // cfg.accum_steps  # shrinks for good after an OOM
+        self.fault = fault_of(cfg)
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def step(self, x: Tensor, y: Tensor, *, epoch: int, step: int) -> Tensor:
+        """Train on one batch; returns its mean loss (a device tensor, already checked finite)."""
+        while True:
+            try:
+                loss = self._accumulate(x, y, step)
+                break
+            except Exception as e:
+                if not is_oom(e):
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+                del e  # the traceback pins the activations of the failed attempt
+                release_memory(self.rt.device)
+                if self.micro_batch == 1:
+                    raise OutOfMemory(self.cfg.batch_size, detail) from None
+                self.micro_batch = max(1, self.micro_batch // 2)
+        value = loss.item()
+        if not math.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise Diverged(epoch, step, value)
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss
+
+    def _accumulate(self, x: Tensor, y: Tensor, step: int) -> Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        total = len(y)
+        loss_sum = torch.zeros((), device=x.device)
+        for start in range(0, total, self.micro_batch):
+            xb, yb = x[start : start + self.micro_batch], y[start : start + self.micro_batch]
+            self._inject(len(yb))
+            with autocast(self.rt):
+                logits = self.model(xb)
+                teacher_logits = None
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = self.teacher(xb)
+            loss = kd_loss(
+                logits, teacher_logits if teacher_logits is not None else logits, yb,
+                temperature=self.cfg.kd_temperature,
+                alpha=self.cfg.kd_alpha if self.teacher is not None else 0.0,
+                label_smoothing=self.cfg.label_smoothing, weight=self.class_weight,
+            )
+            if self.fault == ("nan", step):
+                loss = loss * float("nan")
+            self.scaler.scale(loss * (len(yb) / total)).backward()
+            loss_sum += loss.detach() * len(yb)
+        return loss_sum / total
+
+    def _inject(self, micro: int) -> None:
+        if self.fault is not None and self.fault[0] == "oom" and micro > self.fault[1]:
+            raise torch.OutOfMemoryError(f"injected: micro-batch of {micro} > {self.fault[1]}")
+
+
+def is_oom(error: BaseException) -> bool:
+    """CUDA raises OutOfMemoryError; the CPU allocator raises a RuntimeError that says so."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )

@@ -1,0 +1,232 @@
+"""`train(cfg, report) -> Result`: one training run, top to bottom.
+
+Every source of randomness (shuffling, augmentation, dropout) is reseeded from (seed, epoch) at the
+start of each epoch, so a run resumed from an epoch checkpoint replays exactly what an
+uninterrupted run would have done, without carrying generator states around.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trainer import checkpoint
+from trainer.augment import train_transform
+from trainer.config import ConfigError, TrainConfig, check
+from trainer.data import ImageData, load_data
+from trainer.device import peak_memory_mb, resolve_runtime
+from trainer.errors import Interrupted
+from trainer.evaluate import evaluate
+from trainer.losses import balanced_weights
+from trainer.models import build_model, train_mode
+from trainer.optim import make_optimizer, set_lr
+from trainer.saved_model import load_model
+from trainer.schedule import lr_at, peak_lr
+from trainer.step import StepRunner
+
+Report = Callable[[int, dict[str, Any]], None]
+Progress = Callable[[int, int, int], None]  # (epoch, step in epoch, steps per epoch)
+
+# Fields that may differ between a run and the checkpoint it resumes: they change where or how
+# fast the run happens, not what it computes.
+_RESUMABLE_DIFFERENCES = frozenset(
+    {"device", "checkpoint_dir", "resume", "num_workers", "eval_batch_size", "fault", "download"}
+)
+
+
+@dataclass
+class Result:
+    val_acc: float  # of the best epoch (the one whose weights are kept and tested)
+    val_top5: float
+    val_loss: float
+    best_epoch: int
+    test_acc: float
+    test_top5: float
+    test_loss: float
+    test_macro_f1: float
+    test_f1: list[float]
+    confusion: list[list[int]]
+    history: list[dict[str, Any]]  # one dict of metrics per epoch, resumed epochs included
+    images_per_sec: float  # training throughput of the epochs this call ran
+    peak_memory_mb: float
+    device: str
+    amp: str
+    checkpoint: str  # best.pt, or "" without a checkpoint_dir
+    data: dict[str, Any] = field(default_factory=dict)  # the recorded split
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def train(
+    cfg: TrainConfig,
+    report: Report | None = None,
+    *,
+    stop: threading.Event | None = None,
+    progress: Progress | None = None,
+) -> Result:
+    """Train one model. `report(epoch, metrics)` is called after each epoch's checkpoint (epochs
+    count from 1) and may raise to end the run; `stop` ends it at the next step with `Interrupted`.
+    Raises `Diverged`, `OutOfMemory`, `Interrupted`, or `ConfigError` for a bad config or data.
+    """
+    check(cfg)
+    rt = resolve_runtime(cfg.device, cfg.amp)
+    data = load_data(cfg, rt.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data.num_classes, data.in_channels).to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler)
+    teacher = load_model(cfg.teacher, rt.device)[0] if cfg.kd_alpha > 0 else None
+    weight = balanced_weights(data.class_counts()).to(rt.device) if (
+        cfg.class_weights == "balanced"
+    ) else None
+    runner = StepRunner(cfg, rt, model, optimizer, scaler, teacher, weight)
+    mean = torch.tensor(data.mean, device=rt.device)
+    std = torch.tensor(data.std, device=rt.device)
+
+    steps_per_epoch = data.steps_per_epoch(cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    peak = peak_lr(cfg.lr, cfg.batch_size, cfg.lr_per_256)
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    facts = _data_facts(data)
+
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    best_state: dict[str, Tensor] | None = None
+    start_epoch = 0
+    if ckpt_dir and cfg.resume and (ckpt_dir / checkpoint.LAST).exists():
+        state = checkpoint.load(ckpt_dir / checkpoint.LAST, rt.device)
+        _check_resumable(cfg, state["config"], ckpt_dir)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        runner.micro_batch = state["micro_batch"]
+        history, best, start_epoch = state["history"], state["best"], state["epoch"]
+
+    images, train_seconds = 0, 0.0
+    for epoch in range(start_epoch, cfg.epochs):
+        shuffle, augment_gen = _seed_epoch(cfg.seed, epoch, rt.device)
+        train_mode(model)
+        loss_sum = torch.zeros((), device=rt.device)
+        seen = 0
+        started = time.perf_counter()
+        for i, (x, y) in enumerate(data.train_batches(cfg.batch_size, shuffle)):
+            step = epoch * steps_per_epoch + i
+            set_lr(optimizer, lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps,
+                                    peak=peak, floor=cfg.lr_floor * peak))
+            inputs = train_transform(
+                x, pad=_crop_pad(cfg, data), flip=cfg.hflip and data.flip_safe,
+                jitter=cfg.jitter, mean=mean, std=std, generator=augment_gen,
+            )
+            if rt.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            loss_sum += runner.step(inputs, y, epoch=epoch + 1, step=step) * len(y)
+            seen += len(y)
+            if stop is not None and stop.is_set():
+                raise Interrupted(epoch)
+            if progress is not None:
+                progress(epoch + 1, i + 1, steps_per_epoch)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize(rt.device)
+        epoch_seconds = time.perf_counter() - started
+        images += seen
+        train_seconds += epoch_seconds
+        val = evaluate(model, data, "val", rt, batch_size=cfg.eval_batch_size, mean=mean, std=std)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum.item() / max(seen, 1),
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+            "val_top5": val["top5"],
+            "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"],
+            "images_per_sec": seen / max(epoch_seconds, 1e-9),
+            "epoch_seconds": epoch_seconds,
+            "peak_memory_mb": peak_memory_mb(rt.device),
+            "micro_batch": runner.micro_batch,
+        }
+        history.append(metrics)
+        if best is None or metrics["val_acc"] > best["val_acc"]:
+            best = metrics
+            if ckpt_dir:
+                checkpoint.save(ckpt_dir / checkpoint.BEST, {
+                    "config": cfg.to_dict(), "epoch": epoch + 1, "model": model.state_dict(),
+                    "metrics": metrics, "data": facts,
+                })
+            else:
+                best_state = copy.deepcopy(model.state_dict())
+        if ckpt_dir:
+            checkpoint.save(ckpt_dir / checkpoint.LAST, {
+                "config": cfg.to_dict(), "epoch": epoch + 1, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "micro_batch": runner.micro_batch, "history": history, "best": best,
+                "data": facts,
+            })
+        if report is not None:
+            report(epoch + 1, metrics)
+
+    assert best is not None  # epochs >= 1 is enforced by check()
+    if ckpt_dir:
+        model.load_state_dict(checkpoint.load(ckpt_dir / checkpoint.BEST, rt.device)["model"])
+    elif best_state is not None:
+        model.load_state_dict(best_state)
+    test = evaluate(model, data, "test", rt, batch_size=cfg.eval_batch_size, mean=mean, std=std,
+                    confusion=True)
+    return Result(
+        val_acc=best["val_acc"], val_top5=best["val_top5"], val_loss=best["val_loss"],
+        best_epoch=best["epoch"], test_acc=test["acc"], test_top5=test["top5"],
+        test_loss=test["loss"], test_macro_f1=test["macro_f1"], test_f1=test["f1"],
+        confusion=test["confusion"], history=history,
+        images_per_sec=images / train_seconds if train_seconds else 0.0,
+        peak_memory_mb=peak_memory_mb(rt.device), device=str(rt.device),
+        amp=str(rt.amp_dtype).removeprefix("torch.") if rt.amp_dtype else "off",
+        checkpoint=str(ckpt_dir / checkpoint.BEST) if ckpt_dir else "",
+        data=data.record, config=cfg.to_dict(),
+    )
+
+
+def _seed_epoch(seed: int, epoch: int, device: torch.device) -> tuple[torch.Generator, Any]:
+    """Shuffle and augmentation generators, and the global RNG (dropout), for this epoch."""
+    epoch_seed = seed * 100_003 + epoch
+    torch.manual_seed(epoch_seed)
+    shuffle = torch.Generator().manual_seed(epoch_seed)
+    augment = torch.Generator(device=device).manual_seed(epoch_seed + 1)
+    return shuffle, augment
+
+
+def _crop_pad(cfg: TrainConfig, data: ImageData) -> int:
+    return data.image_size // 8 if cfg.crop_pad < 0 else cfg.crop_pad
+
+
+def _data_facts(data: ImageData) -> dict[str, Any]:
+    """What a saved model needs to be rebuilt and fed: shapes, classes and normalisation."""
+    return {
+        "num_classes": data.num_classes, "in_channels": data.in_channels,
+        "image_size": data.image_size, "classes": list(data.classes),
+        "mean": list(data.mean), "std": list(data.std), "record": data.record,
+    }
+
+
+def _check_resumable(cfg: TrainConfig, saved: dict[str, Any], where: Path) -> None:
+    current = cfg.to_dict()
+    differing = sorted(
+        k for k in current if k not in _RESUMABLE_DIFFERENCES and saved.get(k) != current[k]
+    )
+    if differing:
+        raise ConfigError(
+            f"checkpoint_dir {str(where)!r} holds a run with a different {differing[0]}"
+            f" ({saved.get(differing[0])!r}, now {current[differing[0]]!r}); use another"
+            " checkpoint_dir, or resume = false to start over"
+        )
+
