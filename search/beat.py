@@ -1,0 +1,88 @@
+"""A worker's background thread: the heartbeat of its running trial, its own `last_seen`, and the
+reaper that fails (and re-queues) trials whose worker died.
+
+The reaper runs here rather than only when a trial starts, so orphans are found even while every
+live worker is busy with a long trial. Every database call is guarded: an outage only delays
+beats, it never kills the thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import optuna
+
+from search import registry
+from search.storage import GRACE_SECONDS, HEARTBEAT_SECONDS
+
+log = logging.getLogger(__name__)
+REAP_SECONDS = float(max(1, min(HEARTBEAT_SECONDS, GRACE_SECONDS // 4)))
+
+
+class Beat:
+    def __init__(
+        self,
+        storage: optuna.storages.RDBStorage,
+        worker_id: int,
+        studies: Callable[[], list[optuna.Study]],
+    ) -> None:
+        self.storage, self.worker_id, self.studies = storage, worker_id, studies
+        self.trial_id: int | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hpo-beat", daemon=True)
+
+    def __enter__(self) -> Beat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=30)
+
+    def watch(self, trial_id: int | None) -> None:
+        """Beat for `trial_id` from now on (None: no trial). The first beat is written at once:
+        a trial without any beat is never considered stale."""
+        with self._lock:
+            self.trial_id = trial_id
+        if trial_id is not None:
+            self._guarded("heartbeat", lambda: self.storage.record_heartbeat(trial_id))
+
+    def _run(self) -> None:
+        next_beat = next_reap = 0.0
+        while not self._done.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                ok = self._beat()
+                # After a failed beat try again soon: the outage may be over in a second.
+                next_beat = now + (HEARTBEAT_SECONDS if ok else 1.0)
+            if now >= next_reap:
+                self._guarded("reaper", self._reap)
+                next_reap = now + REAP_SECONDS
+            self._done.wait(0.5)
+
+    def _beat(self) -> bool:
+        with self._lock:
+            trial_id = self.trial_id
+        ok = True
+        if trial_id is not None:
+            ok = self._guarded("heartbeat", lambda: self.storage.record_heartbeat(trial_id))
+        return self._guarded(
+            "worker beat", lambda: registry.touch_worker(self.storage.engine, self.worker_id)
+        ) and ok
+
+    def _reap(self) -> None:
+        for study in self.studies():
+            optuna.storages.fail_stale_trials(study)
+
+    @staticmethod
+    def _guarded(what: str, fn: Callable[[], object]) -> bool:
+        try:
+            fn()
+            return True
+        except Exception as e:  # the database may be down; the next round tries again
+            log.warning("%s failed: %s", what, str(e).splitlines()[0] if str(e) else e)
+            return False

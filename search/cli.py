@@ -1,0 +1,238 @@
+"""`hpo`: create a staged study, run workers, and read the results.
+
+    hpo create --space spaces/cifar10-resnet.toml --study c10
+    hpo worker --study c10 [--device cuda:0]
+    hpo run --space spaces/digits-quick.toml --workers 2
+    hpo status c10 | hpo best c10 --json | hpo report c10 --out r.html | hpo export c10 --out best/
+    hpo dashboard c10
+
+Every user error is one line on stderr and exit status 2; nothing is written before the input has
+been checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from search import pipeline
+from search.space import SpaceError, load_space
+from search.storage import StorageError, open_storage, redact, resolve_url
+from trainer.config import ConfigError
+
+DEFAULT_ARTIFACTS = "hpo-artifacts"
+USER_ERRORS = (SpaceError, StorageError, pipeline.PipelineError, ConfigError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        print(f"hpo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hpo", description="Staged hyperparameter search for ResNets.")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, func: Any) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help)
+        c.add_argument("--storage", help="database URL (default: $HPO_STORAGE, else sqlite:///hpo.db)")
+        c.set_defaults(func=func)
+        return c
+
+    c = command("create", "store a pipeline and create its stage studies", _create)
+    c.add_argument("--space", required=True, type=Path, help="search-space TOML file")
+    c.add_argument("--study", help="study name (default: the space file's name)")
+
+    c = command("worker", "pull and train trials until the pipeline is done", _worker)
+    c.add_argument("--study", required=True)
+    _worker_flags(c)
+
+    c = command("run", "create a study and run local workers to the end", _run)
+    c.add_argument("--space", required=True, type=Path)
+    c.add_argument("--study", help="study name (default: the space file's name)")
+    c.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    _worker_flags(c)
+
+    c = command("status", "stages, trials by state, best so far, workers", _status)
+    c.add_argument("study")
+    c.add_argument("--json", action="store_true")
+
+    c = command("best", "the best configuration, all stages merged, with its metrics", _best)
+    c.add_argument("study")
+    c.add_argument("--json", action="store_true")
+
+    c = command("report", "a self-contained HTML report with plots", _report)
+    c.add_argument("study")
+    c.add_argument("--out", type=Path, required=True)
+
+    c = command("export", "the best trial's weights and config, loadable by the trainer", _export)
+    c.add_argument("study")
+    c.add_argument("--out", type=Path, required=True)
+
+    c = command("dashboard", "optuna-dashboard on this storage, on 127.0.0.1", _dashboard)
+    c.add_argument("study", nargs="?", help="only used to print its address")
+    c.add_argument("--host", default="127.0.0.1")
+    c.add_argument("--port", type=int, default=8080)
+    c.add_argument("--artifacts", type=Path, default=_default_artifacts())
+    return p
+
+
+def _worker_flags(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--device", default=os.environ.get("HPO_DEVICE", "auto"),
+                   help="auto | cpu | cuda | cuda:N (default: $HPO_DEVICE, else auto)")
+    c.add_argument("--artifacts", type=Path, default=_default_artifacts(),
+                   help="folder for checkpoints, shared by all workers (default: $HPO_ARTIFACTS,"
+                        f" else ./{DEFAULT_ARTIFACTS})")
+    c.add_argument("--threads", type=int, default=int(os.environ.get("HPO_THREADS", "0")),
+                   help="CPU threads for PyTorch (default: all)")
+    c.add_argument("--fault", default=os.environ.get("HPO_FAULT", ""), help=argparse.SUPPRESS)
+
+
+def _default_artifacts() -> Path:
+    return Path(os.environ.get("HPO_ARTIFACTS", DEFAULT_ARTIFACTS))
+
+
+def _study_name(args: argparse.Namespace) -> str:
+    return args.study or args.space.stem
+
+
+def _create(args: argparse.Namespace) -> int:
+    pipe = load_space(args.space)  # checked before anything touches the database
+    name = _study_name(args)
+    pipeline.check_study_name(name)
+    url = resolve_url(args.storage)
+    storage = open_storage(url, create_schema=True)
+    created = pipeline.create(storage, name, pipe, str(args.space))
+    print(f"{'created' if created else 'exists, unchanged:'} study {name!r} with stages"
+          f" {', '.join(s.name for s in pipe.stages)} at {redact(url)}")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from search.worker import Worker
+
+    _set_threads(args.threads)
+    worker = Worker(resolve_url(args.storage), args.study, device=args.device,
+                    artifacts=args.artifacts.resolve(), fault=args.fault)
+    return worker.run()
+
+
+def _set_threads(threads: int) -> None:
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from search.local import run_local
+
+    if args.workers < 1:
+        raise pipeline.PipelineError(f"--workers must be at least 1, not {args.workers}")
+    pipe = load_space(args.space)
+    name = _study_name(args)
+    pipeline.check_study_name(name)
+    url = resolve_url(args.storage)
+    pipeline.create(open_storage(url, create_schema=True), name, pipe, str(args.space))
+    code = run_local(url, name, workers=args.workers, device=args.device,
+                     artifacts=args.artifacts.resolve(), threads=args.threads, fault=args.fault)
+    _status(argparse.Namespace(storage=url, study=name, json=False))
+    if code == 0:
+        _best(argparse.Namespace(storage=url, study=name, json=False))
+    return code
+
+
+def _open(args: argparse.Namespace) -> tuple[Any, Any]:
+    storage = open_storage(resolve_url(args.storage))
+    return storage, pipeline.load(storage, args.study)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from search.status import print_status, status_dict
+
+    storage, pipe = _open(args)
+    if args.json:
+        print(json.dumps(status_dict(storage, args.study, pipe), indent=2))
+    else:
+        print_status(storage, args.study, pipe)
+    return 0
+
+
+def _best(args: argparse.Namespace) -> int:
+    from search.results import best
+
+    storage, pipe = _open(args)
+    info = best(storage, args.study, pipe)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"best: stage {info['stage']!r} trial {info['trial']}, {info['metric']} ="
+          f" {info['value']:.4f}")
+    metrics = info["metrics"]
+    for key in ("test_acc", "test_top5", "test_macro_f1"):
+        if key in metrics:
+            print(f"  {key}: {metrics[key]:.4f}")
+    print("  config:")
+    for key, value in sorted(info["config"].items()):
+        print(f"    {key} = {value!r}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from search.report import write_report
+
+    storage, pipe = _open(args)
+    write_report(storage, args.study, pipe, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from search.results import best, best_checkpoint
+    from trainer.export import export_model
+
+    storage, pipe = _open(args)
+    info = best(storage, args.study, pipe)
+    out = export_model(best_checkpoint(info), args.out, extra={
+        "study": info["study"], "stage": info["stage"], "trial": info["trial"],
+        "value": info["value"],
+    })
+    print(f"exported trial {info['trial']} of stage {info['stage']!r} to {out}; test it with"
+          f" `python -m trainer --evaluate {out}`")
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    import optuna_dashboard
+    from optuna.artifacts import FileSystemArtifactStore
+
+    storage = open_storage(resolve_url(args.storage))
+    if args.study:
+        pipeline.load(storage, args.study)  # an unknown study is an error, not an empty page
+    args.artifacts.mkdir(parents=True, exist_ok=True)
+    print(f"optuna-dashboard on http://{args.host}:{args.port}/dashboard/ (Ctrl-C to stop)",
+          flush=True)
+    optuna_dashboard.run_server(
+        storage, host=args.host, port=args.port,
+        artifact_store=FileSystemArtifactStore(str(args.artifacts / "store")),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The one seam between the search and the trainer: an Optuna trial becomes a `TrainConfig`, the
+trainer's per-epoch reports become `trial.report` and pruning, and what the run produced is
+recorded on the trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+from search.retry import root_number
+from search.space import CategoricalParam, FloatParam, IntParam, Param, Pipeline, Stage, base_config
+from search.storage import with_retry
+from trainer.config import TrainConfig, with_overrides
+from trainer.errors import Interrupted
+from trainer.train import Result, train
+
+# Set by the worker, never by a space file: where and how a trial runs, not what it computes.
+WORKER_OWNED = ("checkpoint_dir", "device", "resume", "fault")
+log = logging.getLogger("hpo.trial")
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    study: str
+    pipeline: Pipeline
+    stage: Stage
+    carried: dict[str, Any]
+    artifacts: Path  # root folder of trial checkpoints
+    device: str
+    worker: str  # "host:pid#id", recorded on each trial
+    fault: str = ""  # passed to the trainer (tests inject OOM / NaN through it)
+
+
+def suggest(trial: optuna.Trial, name: str, param: Param) -> Any:
+    if isinstance(param, FloatParam):
+        return trial.suggest_float(name, param.low, param.high, log=param.log, step=param.step)
+    if isinstance(param, IntParam):
+        return trial.suggest_int(name, param.low, param.high, step=param.step, log=param.log)
+    assert isinstance(param, CategoricalParam)
+    return trial.suggest_categorical(name, list(param.choices))
+
+
+def checkpoint_dir(ctx: TrialContext, trial: optuna.Trial) -> Path:
+    """Shared by every attempt of one configuration, so a retry resumes where the last stopped."""
+    return ctx.artifacts / ctx.study / ctx.stage.name / f"trial-{root_number(trial):05d}"
+
+
+def trial_config(trial: optuna.Trial, ctx: TrialContext) -> TrainConfig:
+    params = {name: suggest(trial, name, p) for name, p in ctx.stage.params.items()}
+    overrides = {
+        **base_config(ctx.pipeline, ctx.stage, ctx.carried),
+        **params,
+        "checkpoint_dir": str(checkpoint_dir(ctx, trial)),
+        "device": ctx.device,
+        "resume": True,
+        "fault": ctx.fault,
+    }
+    return with_overrides(TrainConfig(), overrides)
+
+
+def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[float, Result]:
+    """Train the trial's configuration; returns the objective value and the trainer's result.
+    Raises TrialPruned when the median pruner says so, and the trainer's typed errors."""
+    cfg = trial_config(trial, ctx)
+    public = {k: v for k, v in cfg.to_dict().items() if k not in WORKER_OWNED}
+    _set_attrs(trial, {"config": public, "carried": ctx.carried, "worker": ctx.worker,
+                       "device": ctx.device})
+    metric = ctx.pipeline.metric
+    epochs: list[dict[str, Any]] = []
+
+    def report(epoch: int, metrics: dict[str, Any]) -> None:
+        epochs.append(metrics)
+        log.info("stage %s trial %d epoch %d/%d: %s %.4f, train_loss %.4f, %.0f img/s",
+                 ctx.stage.name, trial.number, epoch, cfg.epochs, metric, metrics[metric],
+                 metrics["train_loss"], metrics["images_per_sec"])
+        with_retry("report", lambda: trial.report(metrics[metric], epoch))
+        _set_attrs(trial, {"epochs": epochs})
+        if stop.is_set():
+            raise Interrupted(epoch)
+        if with_retry("should_prune", trial.should_prune):
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}: {metric} {metrics[metric]:.4f}")
+
+    result = train(cfg, report, stop=stop)
+    best_epoch = result.history[result.best_epoch - 1]
+    store_dir = ctx.artifacts / "store"
+    store_dir.mkdir(parents=True, exist_ok=True)
+    # An Optuna artifact, so optuna-dashboard lists the checkpoint on the trial's page.
+    artifact = with_retry("upload checkpoint", lambda: upload_artifact(
+        artifact_store=FileSystemArtifactStore(str(store_dir)), file_path=result.checkpoint,
+        study_or_trial=trial))
+    _set_attrs(trial, {
+        "metrics": {k: v for k, v in result.metrics().items()
+                    if k not in ("history", "config", "data")},
+        "images_per_sec": result.images_per_sec,
+        "peak_memory_mb": result.peak_memory_mb,
+        "checkpoint": result.checkpoint,
+        "checkpoint_artifact": artifact,
+        "split": result.data,
+    })
+    return float(best_epoch[metric]), result
+
+
+def _set_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        with_retry(f"set {key}", lambda k=key, v=value: trial.set_user_attr(k, v))

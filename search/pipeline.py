@@ -1,0 +1,173 @@
+"""Pipelines in the database: one Optuna study per stage (`<study>/<stage>`), the pipeline
+definition stored beside them, stage accounting, and what each stage carries over.
+
+A stage closes when its budget of finished (complete or pruned) trials is spent. The next one
+opens from the best complete trial of all stages before it: that trial's full configuration,
+which already holds what its own stage carried in.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search import registry
+from search.retry import BUDGET
+from search.space import Pipeline, Stage
+
+STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class PipelineError(RuntimeError):
+    """A user-facing problem with a study: unknown, created from another file, failing."""
+
+
+def stage_study_name(study: str, stage: str) -> str:
+    return f"{study}/{stage}"
+
+
+def check_study_name(name: str) -> None:
+    if not STUDY_NAME.match(name):
+        raise PipelineError(
+            f"study name {name!r} is not allowed: use 1-100 letters, digits, '_', '.' or '-',"
+            " starting with a letter or digit"
+        )
+
+
+def create(
+    storage: optuna.storages.RDBStorage, name: str, pipeline: Pipeline, source: str
+) -> bool:
+    """Store the pipeline and create its stage studies. True if created, False if it existed
+    with the same definition; a different definition under the same name is refused."""
+    check_study_name(name)
+    registry.create_schema(storage.engine)
+    created = registry.insert_pipeline(
+        storage.engine, name, pipeline.to_json(), pipeline.digest(), source
+    )
+    if not created:
+        existing = registry.get_pipeline_row(storage.engine, name)
+        assert existing is not None
+        if existing["digest"] != pipeline.digest():
+            raise PipelineError(
+                f"study {name!r} already exists, created from {existing['source']} with a"
+                f" different definition than {source}; choose another --study name"
+            )
+    # Create (or find, after an interrupted create) every stage study, so the dashboard shows the
+    # whole pipeline from the start.
+    for index, stage in enumerate(pipeline.stages):
+        study = optuna.create_study(
+            storage=storage, study_name=stage_study_name(name, stage.name),
+            direction=pipeline.direction, load_if_exists=True,
+        )
+        study.set_user_attr("stage", f"{index + 1}/{len(pipeline.stages)}: {stage.name}")
+        study.set_user_attr(BUDGET, stage.trials)
+        study.set_user_attr("epochs", stage.epochs)
+        study.set_user_attr("params", sorted(stage.params))
+    return created
+
+
+def load(storage: optuna.storages.RDBStorage, name: str) -> Pipeline:
+    row = registry.get_pipeline_row(storage.engine, name)
+    if row is None:
+        known = registry.list_pipelines(storage.engine)
+        hint = f" (studies here: {', '.join(known)})" if known else " (run `hpo create` first)"
+        raise PipelineError(f"no study named {name!r} in this storage{hint}")
+    return Pipeline.from_json(row["spec"])
+
+
+def load_stage_study(
+    storage: optuna.storages.RDBStorage, name: str, stage: Stage, **kwargs: Any
+) -> optuna.Study:
+    return optuna.load_study(
+        study_name=stage_study_name(name, stage.name), storage=storage, **kwargs
+    )
+
+
+@dataclass(frozen=True)
+class Counts:
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    waiting: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned
+
+
+def counts(study: optuna.Study) -> Counts:
+    trials = study.get_trials(deepcopy=False)
+    by_state = {s: 0 for s in TrialState}
+    for t in trials:
+        by_state[t.state] += 1
+    return Counts(
+        complete=by_state[TrialState.COMPLETE], pruned=by_state[TrialState.PRUNED],
+        failed=by_state[TrialState.FAIL], running=by_state[TrialState.RUNNING],
+        waiting=by_state[TrialState.WAITING],
+    )
+
+
+def best_of(
+    storage: optuna.storages.RDBStorage, name: str, pipeline: Pipeline, stages: list[Stage]
+) -> tuple[Stage, FrozenTrial] | None:
+    """The best complete trial over `stages`, by the pipeline's metric and direction."""
+    best: tuple[Stage, FrozenTrial] | None = None
+    sign = 1.0 if pipeline.direction == "maximize" else -1.0
+    for stage in stages:
+        study = load_stage_study(storage, name, stage)
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if trial.value is None:
+                continue
+            if best is None or sign * trial.value > sign * (best[1].value or 0.0):
+                best = (stage, trial)
+    return best
+
+
+def carried_from(trial: FrozenTrial) -> dict[str, Any]:
+    """The searchable part of a trial's configuration: what it carried in plus its own params."""
+    return {**trial.user_attrs.get("carried", {}), **trial.params}
+
+
+def open_stage(
+    storage: optuna.storages.RDBStorage, name: str, pipeline: Pipeline, index: int
+) -> registry.OpenedStage:
+    """The carried values of stage `index`, recording them first if nobody has."""
+    stage = pipeline.stages[index]
+    opened = registry.get_stage(storage.engine, name, stage.name)
+    if opened is not None:
+        return opened
+    carried: dict[str, Any] = {}
+    source: dict[str, Any] = {}
+    best = best_of(storage, name, pipeline, list(pipeline.stages[:index]))
+    if index > 0 and best is None:
+        raise PipelineError(
+            f"stage {stage.name!r} cannot open: no trial of the stages before it completed"
+        )
+    if best is not None:
+        best_stage, trial = best
+        carried = carried_from(trial)
+        source = {"stage": best_stage.name, "trial": trial.number, "value": trial.value}
+    if stage.teacher:
+        teacher = best_of(storage, name, pipeline, [_stage_named(pipeline, stage.teacher)])
+        if teacher is None or not teacher[1].user_attrs.get("checkpoint"):
+            raise PipelineError(
+                f"stage {stage.name!r}: its teacher stage {stage.teacher!r} has no complete"
+                " trial with a checkpoint"
+            )
+        source["teacher"] = {"stage": stage.teacher, "trial": teacher[1].number}
+        carried["teacher"] = teacher[1].user_attrs["checkpoint"]
+    opened = registry.open_stage(storage.engine, name, stage.name, carried, source)
+    study = load_stage_study(storage, name, stage)
+    study.set_user_attr("carried", opened.carried)
+    study.set_user_attr("carried_from", opened.source)
+    return opened
+
+
+def _stage_named(pipeline: Pipeline, name: str) -> Stage:
+    return next(s for s in pipeline.stages if s.name == name)

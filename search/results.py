@@ -1,0 +1,82 @@
+"""Reading a pipeline's results: per-stage status, the best configuration, and its checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search import pipeline, registry
+from search.objective import WORKER_OWNED
+from search.space import Pipeline
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    name: str
+    budget: int
+    counts: pipeline.Counts
+    best_value: float | None
+    best_trial: int | None
+    carried: dict[str, Any] | None  # None: not opened yet
+    seconds: float  # summed wall time of its finished trials
+
+
+def stage_status(
+    storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline
+) -> list[StageStatus]:
+    out = []
+    for stage in pipe.stages:
+        study = pipeline.load_stage_study(storage, name, stage)
+        trials = study.get_trials(deepcopy=False)
+        best = _best([t for t in trials if t.state == TrialState.COMPLETE], pipe.direction)
+        opened = registry.get_stage(storage.engine, name, stage.name)
+        out.append(StageStatus(
+            name=stage.name, budget=stage.trials, counts=pipeline.counts(study),
+            best_value=best.value if best else None, best_trial=best.number if best else None,
+            carried=opened.carried if opened else None,
+            seconds=sum((t.duration or timedelta()).total_seconds() for t in trials),
+        ))
+    return out
+
+
+def _best(trials: list[FrozenTrial], direction: str) -> FrozenTrial | None:
+    valued = [t for t in trials if t.value is not None]
+    if not valued:
+        return None
+    pick = max if direction == "maximize" else min
+    return pick(valued, key=lambda t: t.value)
+
+
+def best(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> dict[str, Any]:
+    """The best complete trial of the whole pipeline: its full configuration (what
+    `python -m trainer --config` takes), its metrics, and where it came from."""
+    found = pipeline.best_of(storage, name, pipe, list(pipe.stages))
+    if found is None:
+        raise pipeline.PipelineError(f"study {name!r} has no complete trial yet")
+    stage, trial = found
+    config = {k: v for k, v in trial.user_attrs["config"].items() if k not in WORKER_OWNED}
+    return {
+        "study": name,
+        "stage": stage.name,
+        "trial": trial.number,
+        "metric": pipe.metric,
+        "value": trial.value,
+        "config": config,
+        "metrics": trial.user_attrs.get("metrics", {}),
+        "checkpoint": trial.user_attrs.get("checkpoint", ""),
+    }
+
+
+def best_checkpoint(info: dict[str, Any]) -> Path:
+    path = Path(info["checkpoint"]) if info.get("checkpoint") else None
+    if path is None or not path.is_file():
+        raise pipeline.PipelineError(
+            f"the best trial's checkpoint {str(path)!r} is not on this machine; run the command"
+            " where the workers' artifact folder (--artifacts / HPO_ARTIFACTS) is mounted"
+        )
+    return path

@@ -1,0 +1,68 @@
+"""`hpo status`: a table per stage and per worker, as text or JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import optuna
+
+from search import registry
+from search.results import stage_status
+from search.space import Pipeline
+
+
+def status_dict(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> dict[str, Any]:
+    stages = []
+    for s in stage_status(storage, name, pipe):
+        c = s.counts
+        stages.append({
+            "stage": s.name, "budget": s.budget, "complete": c.complete, "pruned": c.pruned,
+            "failed": c.failed, "running": c.running, "waiting": c.waiting,
+            "best_value": s.best_value, "best_trial": s.best_trial, "carried": s.carried,
+            "seconds": round(s.seconds, 1),
+        })
+    return {
+        "study": name, "metric": pipe.metric, "direction": pipe.direction, "stages": stages,
+        "workers": [
+            {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in w.items()}
+            for w in registry.list_workers(storage.engine, name)
+        ],
+    }
+
+
+def print_status(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> None:
+    info = status_dict(storage, name, pipe)
+    print(f"study {name!r}: {pipe.metric} ({pipe.direction})")
+    header = ("stage", "budget", "complete", "pruned", "failed", "running", "best", "time")
+    rows = [header]
+    for s in info["stages"]:
+        best = "-" if s["best_value"] is None else f"{s['best_value']:.4f} (#{s['best_trial']})"
+        rows.append((s["stage"], str(s["budget"]), str(s["complete"]), str(s["pruned"]),
+                     str(s["failed"]), str(s["running"] + s["waiting"]), best,
+                     _duration(s["seconds"])))
+    _table(rows)
+    for s in info["stages"]:
+        if s["carried"]:
+            print(f"  {s['stage']} carries: {json.dumps(s['carried'], sort_keys=True)}")
+    workers = info["workers"]
+    if workers:
+        print()
+        rows = [("worker", "host", "pid", "device", "state", "trials", "last seen", "current")]
+        for w in workers:
+            rows.append((str(w["id"]), w["host"], str(w["pid"]), w["device"], w["state"],
+                         str(w["trials_done"]), f"{w['seconds_since_seen']:.0f}s ago",
+                         w["current"] or "-"))
+        _table(rows)
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

@@ -1,0 +1,181 @@
+"""Where studies live. The storage URL is the only thing that differs between a laptop (SQLite,
+the default) and a fleet (PostgreSQL); this module builds it safely and opens it with settings
+that keep many workers and short outages harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import optuna
+import sqlalchemy
+from sqlalchemy.engine import URL, make_url
+
+from search.retry import Requeue
+
+DEFAULT_URL = "sqlite:///hpo.db"  # in the working directory: the embedded default
+HEARTBEAT_SECONDS = int(os.environ.get("HPO_HEARTBEAT", "10"))
+GRACE_SECONDS = int(os.environ.get("HPO_GRACE", "40"))
+# How long a worker keeps retrying a database call before it gives up on the database.
+OUTAGE_SECONDS = float(os.environ.get("HPO_OUTAGE_TOLERANCE", "600"))
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# Heartbeats are marked experimental in Optuna; they are the mechanism we rely on, knowingly.
+warnings.filterwarnings("ignore", message=".*heartbeat_interval.*", category=Warning)
+
+
+class StorageError(RuntimeError):
+    """The storage URL is malformed or the database cannot be reached; says which, never the
+    password."""
+
+
+def resolve_url(explicit: str | None = None) -> str:
+    """`--storage`, else HPO_STORAGE, else a URL from HPO_DB_* parts, else SQLite in the cwd."""
+    if explicit:
+        return explicit
+    if os.environ.get("HPO_STORAGE"):
+        return os.environ["HPO_STORAGE"]
+    if os.environ.get("HPO_DB_HOST"):
+        return build_url(
+            host=os.environ["HPO_DB_HOST"],
+            port=int(os.environ.get("HPO_DB_PORT", "5432")),
+            database=os.environ.get("HPO_DB_NAME", "hpo"),
+            user=os.environ.get("HPO_DB_USER", "hpo"),
+            password_file=os.environ.get("HPO_DB_PASSWORD_FILE") or None,
+        )
+    return DEFAULT_URL
+
+
+def build_url(
+    *,
+    host: str,
+    port: int,
+    database: str,
+    user: str,
+    password_file: str | None = None,
+    password: str | None = None,
+) -> str:
+    """A PostgreSQL URL with the password escaped, so `@ : / { } %` in it are harmless. The
+    password comes from a file (a compose secret) rather than the environment or the command line,
+    where the process list would show it."""
+    if password_file is not None:
+        try:
+            password = Path(password_file).read_text().rstrip("\r\n")
+        except OSError as e:
+            raise StorageError(f"password file {password_file!r}: {e.strerror}") from e
+    url = URL.create(
+        "postgresql+psycopg2", username=user, password=password, host=host, port=port,
+        database=database,
+    )
+    return url.render_as_string(hide_password=False)
+
+
+def redact(url: str) -> str:
+    """The URL as it may appear in logs and messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<malformed storage URL>"
+
+
+def engine_kwargs(url: str) -> dict[str, Any]:
+    """Small pools (at most 2 connections per worker, so 100 workers fit PostgreSQL's default
+    max_connections), pre-ping so a connection killed by a restart is replaced, and timeouts so a
+    dead network fails a call instead of hanging it."""
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        # Several worker processes share the file: wait for the write lock instead of failing.
+        return {"connect_args": {"timeout": 60}, "pool_pre_ping": True}
+    kwargs: dict[str, Any] = {
+        "pool_size": 1,
+        "max_overflow": 1,
+        "pool_timeout": 60,
+        "pool_pre_ping": True,
+        "pool_recycle": 600,
+    }
+    if backend == "postgresql":
+        kwargs["connect_args"] = {
+            "connect_timeout": 10,
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+            "application_name": "resnet-hpo",
+        }
+    return kwargs
+
+
+def open_storage(url: str, *, create_schema: bool = False) -> optuna.storages.RDBStorage:
+    """Open the storage with heartbeats on and crashed trials re-queued once.
+
+    Workers pass create_schema=False: they need only read/write rights, and a missing schema means
+    `hpo create` has not run, which they report instead of creating tables.
+    """
+    try:
+        make_url(url)
+    except Exception:
+        raise StorageError(
+            f"storage URL {redact(url)!r} is malformed; expected e.g. sqlite:///hpo.db or"
+            " postgresql://user@host:5432/db"
+        ) from None
+    try:
+        storage = optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs(url),
+            skip_table_creation=not create_schema,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=Requeue(max_crash_retries=1),
+        )
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as e:
+        raise StorageError(
+            f"cannot use storage {redact(url)}: {_first_line(e.orig or e)}"
+        ) from None
+    except ImportError as e:
+        raise StorageError(f"storage {redact(url)}: no driver for this database ({e})") from None
+    except Exception as e:  # optuna raises RuntimeError/ValueError for schema mismatches
+        raise StorageError(f"cannot use storage {redact(url)}: {_first_line(e)}") from None
+    if storage.engine.dialect.name == "sqlite":
+        _sqlite_wal(storage.engine)
+    return storage
+
+
+def _sqlite_wal(engine: sqlalchemy.Engine) -> None:
+    """WAL lets readers (status, dashboard) run while a worker writes. It is a property of the
+    file, so setting it once on any connection is enough."""
+    if engine.url.database in (None, "", ":memory:"):
+        return
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+
+
+def with_retry(what: str, fn: Callable[[], T], *, budget: float = OUTAGE_SECONDS) -> T:
+    """Call `fn`, retrying with backoff while the database is unreachable (restart, network
+    blip). Errors that are not about the connection propagate at once."""
+    delay, deadline = 0.5, time.monotonic() + budget
+    while True:
+        try:
+            return fn()
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("database unavailable during %s (%s); retrying in %.1fs", what,
+                        _first_line(e.orig or e), delay)
+        except sqlalchemy.exc.DBAPIError as e:
+            if not e.connection_invalidated or time.monotonic() + delay > deadline:
+                raise
+            log.warning("database connection lost during %s; retrying in %.1fs", what, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
