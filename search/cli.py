@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _worker_flags(c: argparse.ArgumentParser) -> None:
     c.add_argument("--device", default=os.environ.get("HPO_DEVICE", "auto"),
-                   help="auto | cpu | cuda | cuda:N (default: $HPO_DEVICE, else auto)")
+                   help="auto | cpu | cuda | cuda:N | cuda:free (claim a GPU no other worker on"
+                        " this host holds; default: $HPO_DEVICE, else auto)")
     c.add_argument("--artifacts", type=Path, default=_default_artifacts(),
                    help="folder for checkpoints, shared by all workers (default: $HPO_ARTIFACTS,"
                         f" else ./{DEFAULT_ARTIFACTS})")

@@ -28,11 +28,12 @@ from search.retry import requeue, stage_closed
 from search.space import Pipeline, Stage
 from search.storage import open_storage, redact, with_retry
 from trainer import checkpoint
-from trainer.device import resolve_device
+from trainer.device import claim_device, resolve_device
 from trainer.errors import Diverged, Interrupted, OutOfMemory
 
 log = logging.getLogger("hpo.worker")
 POLL_SECONDS = 2.0
+GPU_LOCK_DIR = os.environ.get("HPO_GPU_LOCK_DIR", "/tmp/hpo-gpu-locks")
 ERROR_LIMIT = 3  # a stage whose trials keep raising errors stops the worker after this many
 
 
@@ -41,7 +42,9 @@ class Worker:
         self, url: str, study: str, *, device: str = "auto", artifacts: Path, fault: str = ""
     ) -> None:
         self.url, self.study, self.artifacts, self.fault = url, study, artifacts, fault
-        self.device = str(resolve_device(device))
+        # The claim's lock lives as long as this process: keep the descriptor open.
+        claimed, self._device_lock = claim_device(device, GPU_LOCK_DIR)
+        self.device = str(resolve_device(claimed))
         self.storage = open_storage(url)
         self.pipeline: Pipeline = pipeline.load(self.storage, study)
         self.stop = threading.Event()

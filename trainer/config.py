@@ -76,7 +76,7 @@ class TrainConfig:
 
     # --- runtime ---
     seed: int = 0  # model init, splits, shuffling and augmentation
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (workers also take cuda:free)
     amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
     eval_batch_size: int = 512
     checkpoint_dir: str = ""  # last.pt every epoch, best.pt on improvement; "" = none

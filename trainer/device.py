@@ -64,3 +64,36 @@ def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def claim_free_index(lock_dir: str, count: int) -> tuple[int, int]:
+    """Claim the lowest index in [0, count) that no live process holds, via an exclusive flock on
+    `lock_dir/gpu<N>.lock`; returns (index, fd). The kernel drops the lock when the process dies,
+    even by SIGKILL, so a crashed worker's GPU is free again at once. Containers on one host share
+    the claim when `lock_dir` is a shared volume."""
+    import fcntl
+    import os
+
+    os.makedirs(lock_dir, exist_ok=True)
+    for index in range(count):
+        fd = os.open(os.path.join(lock_dir, f"gpu{index}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return index, fd
+    raise ConfigError(f"device: all {count} GPU(s) are claimed by other workers ({lock_dir})")
+
+
+def claim_device(name: str, lock_dir: str) -> tuple[str, int | None]:
+    """`cuda:free` claims a GPU no other worker on this host uses (one worker per GPU without
+    hand-editing); any other name passes through. Returns (device name, lock fd to keep open)."""
+    if name != "cuda:free":
+        return name, None
+    if not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda:free' asked for, but this machine has no CUDA device")
+    index, fd = claim_free_index(lock_dir, torch.cuda.device_count())
+    return f"cuda:{index}", fd

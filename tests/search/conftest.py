@@ -130,3 +130,16 @@ def table_names(url: str) -> list[str]:
         return sa.inspect(engine).get_table_names()
     finally:
         engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """One small pipeline run to the end on SQLite, shared by the tests that only read results
+    (report, dashboard). Returns (storage URL, its working folder); the study is named "done"."""
+    cwd = tmp_path_factory.mktemp("finished")
+    url = f"sqlite:///{cwd / 'hpo.db'}"
+    space = tiny_space(cwd / "tiny.toml", trials1=3, trials2=2)
+    run = hpo("run", "--space", str(space), "--study", "done", "--workers", "1", "--device",
+              "cpu", "--artifacts", str(cwd / "artifacts"), url=url, cwd=cwd)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return url, cwd

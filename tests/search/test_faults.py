@@ -1,0 +1,155 @@
+"""Workers under real faults: a worker SIGKILLed mid-trial, SIGTERM, injected OOM and NaN, and bad
+space files that must leave the database untouched."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search import pipeline
+from search.storage import open_storage
+from tests.search.conftest import hpo, start_worker, table_names, write_space
+
+ONE_STAGE = """
+    dataset = "digits"
+    [fixed]
+    model = "resnet20"
+    width = {width}
+    crop_pad = 1
+    batch_size = 32
+    [[stage]]
+    name = "only"
+    trials = {trials}
+    epochs = {epochs}
+    pruner = {{ startup_trials = 10, warmup_epochs = 10 }}
+    [stage.params]
+    lr = {{ low = 0.02, high = 0.2, log = true }}
+"""
+
+
+def _one_stage(tmp: Path, *, trials: int, epochs: int, width: float = 0.25) -> Path:
+    return write_space(tmp / "one.toml", ONE_STAGE.format(trials=trials, epochs=epochs,
+                                                          width=width))
+
+
+def _study(url: str, name: str) -> optuna.Study:
+    storage = open_storage(url)
+    return pipeline.load_stage_study(storage, name, pipeline.load(storage, name).stages[0])
+
+
+def _wait_for(predicate, what: str, timeout: float = 300) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigkilled_worker_trial_is_retried_from_its_checkpoint(pg_url: str, tmp_path: Path) -> None:
+    space = _one_stage(tmp_path, trials=2, epochs=6, width=0.5)
+    assert hpo("create", "--space", str(space), "--study", "k", url=pg_url,
+               cwd=tmp_path).returncode == 0
+    study = _study(pg_url, "k")
+    victim = start_worker("k", url=pg_url, cwd=tmp_path, log=tmp_path / "victim.log")
+
+    def mid_trial() -> bool:
+        running = study.get_trials(states=(TrialState.RUNNING,))
+        return bool(running) and len(running[0].intermediate_values) >= 2
+
+    _wait_for(mid_trial, "the victim to report two epochs")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    killed = study.get_trials(states=(TrialState.RUNNING,))[0]
+    reported = max(killed.intermediate_values)
+
+    rescuer = start_worker("k", url=pg_url, cwd=tmp_path, log=tmp_path / "rescuer.log")
+    assert rescuer.wait(timeout=600) == 0, (tmp_path / "rescuer.log").read_text()[-3000:]
+
+    trials = study.get_trials()
+    assert trials[killed.number].state == TrialState.FAIL
+    retries = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retries) == 1, "retried exactly once"
+    retry = retries[0]
+    assert retry.params == killed.params
+    assert retry.state == TrialState.COMPLETE
+    # It resumed: its first report is the epoch after the last checkpoint of the killed attempt
+    # (the checkpoint is written just before each report, so it may be one epoch ahead).
+    assert min(retry.intermediate_values) in (reported + 1, reported + 2)
+    assert max(retry.intermediate_values) == 6
+    counts = pipeline.counts(study)
+    assert counts.finished >= 2 and counts.running == counts.waiting == 0
+
+
+def test_sigterm_hands_the_trial_back_and_exits_zero(pg_url: str, tmp_path: Path) -> None:
+    space = _one_stage(tmp_path, trials=1, epochs=6, width=0.5)
+    assert hpo("create", "--space", str(space), "--study", "t", url=pg_url,
+               cwd=tmp_path).returncode == 0
+    study = _study(pg_url, "t")
+    first = start_worker("t", url=pg_url, cwd=tmp_path, log=tmp_path / "first.log")
+    _wait_for(lambda: any(len(t.intermediate_values) >= 1
+                          for t in study.get_trials(states=(TrialState.RUNNING,))),
+              "an epoch to be reported")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    handed = study.get_trials()[0]
+    assert handed.state == TrialState.FAIL
+    assert handed.user_attrs["fail_reason"] == "interrupted"
+    assert [t.state for t in study.get_trials()[1:]] == [TrialState.WAITING]
+
+    second = start_worker("t", url=pg_url, cwd=tmp_path, log=tmp_path / "second.log")
+    assert second.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    retry = study.get_trials()[1]
+    assert retry.state == TrialState.COMPLETE and retry.params == handed.params
+    assert min(retry.intermediate_values) > 1  # resumed, not restarted
+
+
+@pytest.mark.parametrize(("fault", "reason"), [("oom>0", "oom"), ("nan@2", "diverged")])
+def test_oom_and_divergence_prune_and_the_worker_goes_on(
+    pg_url: str, tmp_path: Path, fault: str, reason: str
+) -> None:
+    space = _one_stage(tmp_path, trials=3, epochs=2)
+    assert hpo("create", "--space", str(space), "--study", "f", url=pg_url,
+               cwd=tmp_path).returncode == 0
+    worker = start_worker("f", url=pg_url, cwd=tmp_path, log=tmp_path / "w.log",
+                          HPO_FAULT=fault)
+    assert worker.wait(timeout=600) == 0, (tmp_path / "w.log").read_text()[-3000:]
+    trials = _study(pg_url, "f").get_trials()
+    assert len(trials) == 3
+    assert all(t.state == TrialState.PRUNED for t in trials)
+    assert all(t.user_attrs["fail_reason"] == reason for t in trials)
+    assert len({t.user_attrs["worker"] for t in trials}) == 1  # the same worker ran them all
+
+
+BAD_SPACES = {
+    "broken TOML": ("dataset = \n", "line 1"),
+    "unknown field": (
+        'dataset = "digits"\n[[stage]]\nname = "a"\ntrials = 2\nepochs = 1\n'
+        "[stage.params]\nlearning_rate = { low = 0.1, high = 0.2 }\n",
+        "learning_rate",
+    ),
+    "low above high": (
+        'dataset = "digits"\n[[stage]]\nname = "a"\ntrials = 2\nepochs = 1\n'
+        "[stage.params]\nlr = { low = 0.5, high = 0.1 }\n",
+        "lr",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPACES))
+def test_bad_space_file_changes_nothing(pg_url: str, tmp_path: Path, case: str) -> None:
+    text, named = BAD_SPACES[case]
+    space = tmp_path / "bad.toml"
+    space.write_text(text)
+    result = hpo("create", "--space", str(space), "--study", "b", url=pg_url, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "bad.toml" in result.stderr and named in result.stderr
+    assert "Traceback" not in result.stderr
+    assert table_names(pg_url) == []  # not even Optuna's tables were created
+    assert os.listdir(tmp_path) == ["bad.toml"]  # and nothing on disk
