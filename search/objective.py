@@ -84,7 +84,8 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
         _set_attrs(trial, {"epochs": epochs})
         if stop.is_set():
             raise Interrupted(epoch)
-        if with_retry("should_prune", trial.should_prune):
+        # After the last epoch the run is complete: pruning it would only throw its result away.
+        if epoch < cfg.epochs and with_retry("should_prune", trial.should_prune):
             raise optuna.TrialPruned(f"pruned at epoch {epoch}: {metric} {metrics[metric]:.4f}")
 
     result = train(cfg, report, stop=stop)

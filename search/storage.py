@@ -85,6 +85,31 @@ def redact(url: str) -> str:
         return "<malformed storage URL>"
 
 
+def normalize_url(url: str) -> str:
+    """Check the URL's shape and pick the PostgreSQL driver we ship (psycopg2): SQLAlchemy 2.1
+    maps a bare postgresql:// to psycopg 3. A SQLite file's folder must exist: SQLite would only
+    say 'unable to open database file'."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise StorageError(
+            "storage URL is malformed; expected e.g. sqlite:///hpo.db or"
+            " postgresql://user@host:5432/db"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend == "postgresql" and parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    elif backend == "sqlite":
+        path = parsed.database
+        if path and path != ":memory:" and not Path(path).resolve().parent.is_dir():
+            raise StorageError(
+                f"storage {redact(url)}: folder {str(Path(path).parent)!r} does not exist"
+            )
+    elif backend not in ("postgresql", "mysql"):
+        raise StorageError(f"storage {redact(url)}: unsupported database {backend!r}")
+    return parsed.render_as_string(hide_password=False)
+
+
 def engine_kwargs(url: str) -> dict[str, Any]:
     """Small pools (at most 2 connections per worker, so 100 workers fit PostgreSQL's default
     max_connections), pre-ping so a connection killed by a restart is replaced, and timeouts so a
@@ -118,13 +143,9 @@ def open_storage(url: str, *, create_schema: bool = False) -> optuna.storages.RD
     Workers pass create_schema=False: they need only read/write rights, and a missing schema means
     `hpo create` has not run, which they report instead of creating tables.
     """
-    try:
-        make_url(url)
-    except Exception:
-        raise StorageError(
-            f"storage URL {redact(url)!r} is malformed; expected e.g. sqlite:///hpo.db or"
-            " postgresql://user@host:5432/db"
-        ) from None
+    url = normalize_url(url)
+    if not create_schema:
+        _check_schema_exists(url)
     try:
         storage = optuna.storages.RDBStorage(
             url,
@@ -134,17 +155,36 @@ def open_storage(url: str, *, create_schema: bool = False) -> optuna.storages.RD
             grace_period=GRACE_SECONDS,
             heartbeat_stale_trial_callback=Requeue(max_crash_retries=1),
         )
-    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as e:
-        raise StorageError(
-            f"cannot use storage {redact(url)}: {_first_line(e.orig or e)}"
-        ) from None
     except ImportError as e:
         raise StorageError(f"storage {redact(url)}: no driver for this database ({e})") from None
-    except Exception as e:  # optuna raises RuntimeError/ValueError for schema mismatches
-        raise StorageError(f"cannot use storage {redact(url)}: {_first_line(e)}") from None
+    except Exception as e:  # connection refused, unknown database, schema mismatch, ...
+        raise StorageError(f"cannot use storage {redact(url)}: {root_cause(e)}") from None
     if storage.engine.dialect.name == "sqlite":
         _sqlite_wal(storage.engine)
     return storage
+
+
+def _check_schema_exists(url: str) -> None:
+    """Readers and workers never create a database: a missing one means `hpo create` has not run
+    against this URL (or the URL is wrong), and creating an empty one would hide that."""
+    parsed = make_url(url)
+    missing = StorageError(
+        f"storage {redact(url)} holds no studies; run `hpo create` against it first"
+    )
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database not in (None, "", ":memory:") and not Path(parsed.database).exists():
+            raise missing
+        return
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                      **{k: v for k, v in engine_kwargs(url).items()
+                                         if k == "connect_args"})
+    try:
+        if not sqlalchemy.inspect(engine).has_table("version_info"):
+            raise missing
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        raise StorageError(f"cannot use storage {redact(url)}: {root_cause(e)}") from None
+    finally:
+        engine.dispose()
 
 
 def _sqlite_wal(engine: sqlalchemy.Engine) -> None:
@@ -174,6 +214,16 @@ def with_retry(what: str, fn: Callable[[], T], *, budget: float = OUTAGE_SECONDS
             log.warning("database connection lost during %s; retrying in %.1fs", what, delay)
         time.sleep(delay)
         delay = min(delay * 2, 10.0)
+
+
+def root_cause(e: BaseException) -> str:
+    """The first line of the innermost error: Optuna wraps the driver's words ("connection
+    refused", "database does not exist") in a generic message of its own."""
+    while True:
+        inner = getattr(e, "orig", None) or e.__cause__ or e.__context__
+        if inner is None or inner is e:
+            return _first_line(e)
+        e = inner
 
 
 def _first_line(e: BaseException) -> str:

@@ -21,10 +21,13 @@ def resolve_device(name: str) -> torch.device:
     """`auto` is the first CUDA device when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    head, _, index_text = name.partition(":")
+    if name != "cpu" and not (head == "cuda" and (index_text == "" or index_text.isdigit())):
+        raise ConfigError(f"device: {name!r} is not auto, cpu, cuda, cuda:N or cuda:free")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"device: {name!r} asked for, but this machine has no CUDA device")
-        index = int(name.partition(":")[2] or 0)
+        index = int(index_text or 0)
         if index >= torch.cuda.device_count():
             raise ConfigError(
                 f"device: {name!r} does not exist; this machine has"

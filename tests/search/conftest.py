@@ -143,3 +143,15 @@ def finished_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]
               "cpu", "--artifacts", str(cwd / "artifacts"), url=url, cwd=cwd)
     assert run.returncode == 0, run.stderr[-3000:]
     return url, cwd
+
+
+def start_stub_worker(
+    study: str, *, url: str, cwd: Path, log: Path, **extra: str
+) -> subprocess.Popen:
+    """A real worker process whose trainer is the fast stub in tests/search/stub_worker.py."""
+    out = log.open("w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.search.stub_worker", "worker", "--study", study,
+         "--device", "cpu", "--threads", "1", "--artifacts", str(cwd / "artifacts")],
+        cwd=ROOT, env=hpo_env(url, **extra), stdout=out, stderr=subprocess.STDOUT,
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -43,7 +44,7 @@ def _study(url: str, name: str) -> optuna.Study:
     return pipeline.load_stage_study(storage, name, pipeline.load(storage, name).stages[0])
 
 
-def _wait_for(predicate, what: str, timeout: float = 300) -> None:  # noqa: ANN001
+def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -1,0 +1,249 @@
+"""`hpo report`: one self-contained HTML file about a staged study, readable offline.
+
+The page holds a summary table per stage, Optuna's plots per stage (optimization history,
+intermediate values, parameter importances, parallel coordinates) and the best trial's test
+metrics with its confusion matrix. plotly.js is embedded once in the head, so the file opens
+without a network; every figure after it is a div and a call to `Plotly.newPlot`. Text from the
+database is escaped; plotly escapes what it puts in its JSON itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import json
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import plotly.graph_objects as go
+from optuna import visualization as vis
+from optuna.exceptions import ExperimentalWarning
+from optuna.trial import TrialState
+from plotly.offline import get_plotlyjs
+
+from search import pipeline
+from search.results import StageStatus, best, stage_status
+from search.space import Pipeline, Stage
+
+# Importances and parallel coordinates compare trials: with fewer complete trials, or with every
+# parameter at one value, Optuna either cannot draw them or draws something meaningless.
+MIN_COMPARABLE = 2
+PLOT_HEIGHT = "420px"
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.note { color: #777; font-style: italic; }
+code { font-size: 0.9em; }
+"""
+
+
+def format_value(value: float | None) -> str:
+    """How the report shows a metric: four decimals, or "-" when there is none."""
+    return "-" if value is None else f"{value:.4f}"
+
+
+def write_report(
+    storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline, out: Path
+) -> None:
+    """Write the report of study `name` to `out`. Everything is read and rendered before the
+    file is touched, and the file appears whole or not at all (temp file + rename)."""
+    page = render(storage, name, pipe)
+    try:
+        _write_atomic(out, page)
+    except OSError as e:
+        raise pipeline.PipelineError(
+            f"cannot write the report to {out}: {e.strerror or e}; check the folder exists and"
+            " is writable"
+        ) from None
+
+
+def render(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> str:
+    """The whole page as a string."""
+    statuses = stage_status(storage, name, pipe)
+    title = f"{name}: {pipe.metric} ({pipe.direction})"
+    parts = [
+        f"<h1>Study {_esc(title)}</h1>",
+        f"<p>Dataset <code>{_esc(pipe.dataset)}</code>, {len(pipe.stages)} stages, objective"
+        f" <b>{_esc(pipe.metric)}</b> ({_esc(pipe.direction)}).</p>",
+        "<h2>Stages</h2>",
+        _summary(name, statuses),
+        '<section id="best">\n<h2>Best model</h2>',
+        _best_section(storage, name, pipe, statuses),
+        "</section>",
+    ]
+    for stage, status in zip(pipe.stages, statuses, strict=True):
+        parts.append(_stage_section(storage, name, stage, status))
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<title>{_esc(title)}</title>\n<style>{CSS}</style>\n"
+        # Inline, once: the report must open offline, and every figure below uses this copy.
+        f"<script type=\"text/javascript\">{get_plotlyjs()}</script>\n</head>\n<body>\n"
+        + "\n".join(parts) + "\n</body>\n</html>\n"
+    )
+
+
+def _summary(name: str, statuses: list[StageStatus]) -> str:
+    rows = []
+    for s in statuses:
+        c = s.counts
+        if s.carried is None:
+            carried = '<span class="note">not opened yet</span>'
+        elif not s.carried:
+            carried = '<span class="note">nothing (first stage)</span>'
+        else:
+            carried = f"<code>{_esc(json.dumps(s.carried, sort_keys=True))}</code>"
+        best_value = format_value(s.best_value)
+        if s.best_trial is not None:
+            best_value += f" (#{s.best_trial})"
+        rows.append([
+            _esc(pipeline.stage_study_name(name, s.name)), str(s.budget), str(c.complete),
+            str(c.pruned), str(c.failed), str(c.running + c.waiting), _esc(best_value), carried,
+        ])
+    return _table(["stage study", "budget", "complete", "pruned", "failed", "running/waiting",
+                   "best value", "carried in"], rows)
+
+
+def _best_section(
+    storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline, statuses: list[StageStatus]
+) -> str:
+    if all(s.best_value is None for s in statuses):
+        return _note("No trial has completed yet: no best model to show.")
+    info = best(storage, name, pipe)
+    m = info["metrics"]
+    out = [
+        f"<p>Stage <b>{_esc(pipeline.stage_study_name(name, info['stage']))}</b>, trial"
+        f" #{info['trial']}: {_esc(info['metric'])} = {format_value(info['value'])}.</p>",
+        _table(["test metric", "value"], [
+            ["test accuracy (test_acc)", _num(m.get("test_acc"))],
+            ["top-5 accuracy (test_top5)", _num(m.get("test_top5"))],
+            ["macro F1 (test_macro_f1)", _num(m.get("test_macro_f1"))],
+        ]),
+    ]
+    f1 = m.get("test_f1") or []
+    if f1:
+        out += ["<h3>Per-class F1</h3>",
+                _table(["class", "F1"], [[str(i), _num(v)] for i, v in enumerate(f1)])]
+    confusion = m.get("confusion") or []
+    if confusion:
+        out += ["<h3>Confusion matrix</h3>", _figure(_confusion_figure(confusion))]
+    else:
+        out.append(_note("The best trial recorded no confusion matrix."))
+    config = sorted(info["config"].items())
+    out += ["<h3>Configuration</h3>",
+            _table(["field", "value"], [[_esc(k), f"<code>{_esc(repr(v))}</code>"]
+                                        for k, v in config])]
+    return "\n".join(out)
+
+
+def _confusion_figure(confusion: list[list[int]]) -> go.Figure:
+    labels = [str(i) for i in range(len(confusion))]
+    fig = go.Figure(go.Heatmap(
+        z=confusion, x=labels, y=labels, colorscale="Blues", texttemplate="%{z}",
+        hovertemplate="true %{y}, predicted %{x}: %{z}<extra></extra>",
+    ))
+    fig.update_layout(title="Confusion matrix (test split)", width=560, height=520,
+                      xaxis={"title": "predicted class", "type": "category"},
+                      yaxis={"title": "true class", "type": "category", "autorange": "reversed"})
+    return fig
+
+
+def _stage_section(
+    storage: optuna.storages.RDBStorage, name: str, stage: Stage, status: StageStatus
+) -> str:
+    study = pipeline.load_stage_study(storage, name, stage)
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    varying = any(len({repr(t.params.get(p)) for t in complete}) > 1 for p in stage.params)
+    comparable = len(complete) >= MIN_COMPARABLE and varying
+    why_not = (f"needs at least {MIN_COMPARABLE} complete trials whose parameters differ"
+               f" (this stage has {len(complete)} complete)")
+    out = [f'<section id="stage-{_esc(stage.name)}">',
+           f"<h2>Stage {_esc(pipeline.stage_study_name(name, stage.name))}</h2>",
+           f"<p>{status.counts.finished} of {stage.trials} trials finished,"
+           f" {stage.epochs} epochs each.</p>"]
+    plots: list[tuple[str, bool, str, Callable[[optuna.Study], go.Figure]]] = [
+        ("Optimization history", bool(complete), "no complete trial yet",
+         vis.plot_optimization_history),
+        ("Intermediate values (pruning)", any(t.intermediate_values for t in trials),
+         "no trial has reported an epoch yet", vis.plot_intermediate_values),
+        ("Parameter importances", comparable, why_not, vis.plot_param_importances),
+        ("Parallel coordinates", comparable, why_not, vis.plot_parallel_coordinate),
+    ]
+    for heading, drawable, reason, plot in plots:
+        out.append(f"<h3>{_esc(heading)}</h3>")
+        out.append(_plot(study, plot) if drawable else _note(f"Not drawn: {reason}."))
+    out.append("</section>")
+    return "\n".join(out)
+
+
+def _plot(study: optuna.Study, plot: Callable[[optuna.Study], go.Figure]) -> str:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            fig = plot(study)
+    # A plot Optuna cannot draw for this data costs a note, never the whole report.
+    except Exception as e:
+        return _note(f"Optuna could not draw this plot: {type(e).__name__}: {e}")
+    return _figure(fig)
+
+
+def _figure(fig: go.Figure) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False, default_height=PLOT_HEIGHT,
+                       config={"responsive": True})
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """Cells are HTML already (escaped by the caller); numbers are right-aligned."""
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(
+            f'<td class="num">{c}</td>' if _is_number(c) else f"<td>{c}</td>" for c in row
+        ) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _num(value: Any) -> str:
+    return format_value(float(value)) if isinstance(value, int | float) else "-"
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{_esc(text)}</p>'
+
+
+def _esc(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _write_atomic(out: Path, text: str) -> None:
+    # Same folder as the target, so the rename is atomic; O_EXCL so two writers never share it,
+    # and mode 0o666 so the umask, not tempfile's 0o600, decides who may read the report.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise

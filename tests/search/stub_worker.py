@@ -1,0 +1,56 @@
+"""A real `hpo worker` process whose trainer is a fast stub: for load tests, where what is under
+test is the queue (Optuna, PostgreSQL, heartbeats), not the training. Everything but `train` is
+the production code path.
+
+    python -m tests.search.stub_worker worker --study S --device cpu ...
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from search import cli, objective
+from trainer import checkpoint
+from trainer.config import TrainConfig
+from trainer.errors import Interrupted
+from trainer.train import Report, Result
+
+EPOCH_SECONDS = float(os.environ.get("STUB_EPOCH_SECONDS", "0"))
+
+
+def stub_train(
+    cfg: TrainConfig, report: Report | None = None, *, stop: threading.Event | None = None,
+    progress: Any = None,
+) -> Result:
+    # A smooth, deterministic response surface: best near lr = 0.1.
+    acc = math.exp(-(math.log10(cfg.lr) + 1.0) ** 2)
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        time.sleep(EPOCH_SECONDS)
+        if stop is not None and stop.is_set():
+            raise Interrupted(epoch - 1)
+        metrics = {"epoch": epoch, "val_acc": acc * epoch / cfg.epochs, "train_loss": 1.0 - acc,
+                   "val_loss": 1.0 - acc, "val_top5": 1.0, "images_per_sec": 1.0}
+        history.append(metrics)
+        if report is not None:
+            report(epoch, metrics)
+    best = Path(cfg.checkpoint_dir) / checkpoint.BEST
+    best.parent.mkdir(parents=True, exist_ok=True)
+    best.write_bytes(b"stub")
+    return Result(
+        val_acc=acc, val_top5=1.0, val_loss=1.0 - acc, best_epoch=cfg.epochs, test_acc=acc,
+        test_top5=1.0, test_loss=1.0 - acc, test_macro_f1=acc, test_f1=[acc], confusion=[[1]],
+        history=history, images_per_sec=1.0, peak_memory_mb=1.0, device="cpu", amp="off",
+        checkpoint=str(best),
+    )
+
+
+if __name__ == "__main__":
+    objective.train = stub_train
+    sys.exit(cli.main(sys.argv[1:]))
