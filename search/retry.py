@@ -62,5 +62,6 @@ def stage_closed(study: optuna.Study) -> bool:
     budget = study.user_attrs.get(BUDGET)
     if budget is None:
         return False
-    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    return len(finished) >= int(budget)
+    from search.pipeline import counts  # pipeline imports this module for BUDGET
+
+    return counts(study).finished >= int(budget)

@@ -27,8 +27,12 @@ OUTAGE_SECONDS = float(os.environ.get("HPO_OUTAGE_TOLERANCE", "600"))
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# Heartbeats are marked experimental in Optuna; they are the mechanism we rely on, knowingly.
-warnings.filterwarnings("ignore", message=".*heartbeat_interval.*", category=Warning)
+# Heartbeats, the stale-trial reaper and grouped TPE are marked experimental in Optuna; we rely on
+# them knowingly. The worker beats for ask/tell trials itself (search/beat.py), which Optuna's
+# "heartbeat is supposed to be used with Study.optimize" warning does not know about.
+for _pattern in (".*heartbeat_interval.*", ".*fail_stale_trials.*", ".*``group``.*",
+                 "Heartbeat of storage is supposed to be used with Study.optimize"):
+    warnings.filterwarnings("ignore", message=_pattern)
 
 
 class StorageError(RuntimeError):

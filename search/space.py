@@ -1,0 +1,330 @@
+"""Search-space files: a staged pipeline read from TOML and checked whole before any database use.
+
+A file names a dataset, a metric, fields fixed for every stage, and stages run in order, each
+with a trial budget, epochs, pruner and sampler settings, fixed fields and searched fields.
+`load_space` never writes anything; a bad file raises one `SpaceError` naming the file, the stage
+and the field. `Pipeline.to_json` is what gets stored with a study, and its digest is how a study
+refuses to be re-created from a different file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# SpaceError, the param types and `distribution` are this module's API too (`as`: re-export).
+from search.params import CategoricalParam as CategoricalParam
+from search.params import FloatParam as FloatParam
+from search.params import IntParam as IntParam
+from search.params import (
+    Param,
+    ParamError,
+    check_config,
+    check_field,
+    check_values,
+    count,
+    counts,
+    field_value,
+    fixed_table,
+    key_text,
+    no_unknown_keys,
+    param_table,
+    parse_param,
+    show,
+    values_to_check,
+)
+from search.params import SpaceError as SpaceError
+from search.params import distribution as distribution
+from trainer.config import TrainConfig
+
+MAX_BYTES = 1 << 20  # a space file is a few KiB; anything near this is a mistake, not a space
+METRICS = {"val_acc": "maximize", "val_top5": "maximize", "val_loss": "minimize"}
+TOP_KEYS = ("dataset", "metric", "fixed", "stage")
+STAGE_KEYS = ("name", "trials", "epochs", "pruner", "sampler", "teacher", "fixed", "params")
+# Stage names become part of Optuna study names (`<study>/<stage>`) and of folder names.
+_STAGE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class Pruner:
+    """Optuna's MedianPruner; warmup_epochs >= the stage's epochs turns pruning off."""
+
+    startup_trials: int = 5  # n_startup_trials: finished trials before any pruning
+    warmup_epochs: int = 2  # n_warmup_steps: epochs a trial always runs
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Optuna's TPESampler."""
+
+    startup_trials: int = 10  # n_startup_trials: random trials before TPE takes over
+
+
+_DEFAULT_PRUNER = dataclasses.asdict(Pruner())
+_DEFAULT_SAMPLER = dataclasses.asdict(Sampler())
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One Optuna study of the pipeline. With no params it still runs `trials` trials of the
+    carried config (e.g. a final, longer training of the winner)."""
+
+    name: str
+    trials: int  # budget of finished (complete + pruned) trials
+    epochs: int
+    pruner: Pruner = Pruner()
+    sampler: Sampler = Sampler()
+    params: dict[str, Param] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    teacher: str | None = None  # name of an earlier stage whose best trial is the teacher
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A whole space file, checked; stages run in order."""
+
+    dataset: str
+    metric: str
+    fixed: dict[str, Any]
+    stages: tuple[Stage, ...]
+
+    @property
+    def direction(self) -> str:
+        """Optuna's study direction for the metric: "maximize" or "minimize"."""
+        return METRICS[self.metric]
+
+    def stage(self, name: str) -> Stage:
+        """The stage called `name`; KeyError if there is none."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+    def to_json(self) -> str:
+        """Canonical JSON in the file's own shape: equal pipelines give equal text."""
+        return json.dumps(_to_data(self), sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    def from_json(text: str) -> Pipeline:
+        """The pipeline `to_json` wrote, checked again against the current TrainConfig."""
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as err:
+            raise SpaceError(f"stored pipeline: not valid JSON: {err}") from None
+        return parse_space(data, "stored pipeline")
+
+    def digest(self) -> str:
+        """sha256 of `to_json()`, hex."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+def base_config(pipeline: Pipeline, stage: Stage, carried: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig overrides for a trial of `stage` before its sampled params.
+
+    `carried` holds the best sampled params of the earlier stages; the stage's own fixed fields
+    win over them, and the pipeline's fixed fields lose to them.
+    """
+    return {
+        "dataset": pipeline.dataset,
+        **pipeline.fixed,
+        **carried,
+        **stage.fixed,
+        "epochs": stage.epochs,
+    }
+
+
+def load_space(path: str | Path) -> Pipeline:
+    """Read, parse and check a space file; raises SpaceError and never writes anything."""
+    source = str(path)
+    try:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            if size <= MAX_BYTES:
+                raw = file.read(MAX_BYTES + 1)  # +1: a file that grew after fstat is still caught
+    except FileNotFoundError:
+        raise SpaceError(f"{source}: no such file") from None
+    except OSError as err:
+        raise SpaceError(f"{source}: cannot read it: {err.strerror or err}") from None
+    if size > MAX_BYTES or len(raw) > MAX_BYTES:
+        raise SpaceError(
+            f"{source}: {max(size, MAX_BYTES + 1)} bytes is too large for a space file"
+            f" (at most 1 MiB, {MAX_BYTES} bytes); is this the right file?"
+        )
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise SpaceError(f"{source}: not UTF-8 text (bad byte at offset {err.start})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise SpaceError(f"{source}: not valid TOML: {err}") from None
+    except RecursionError:
+        raise SpaceError(f"{source}: not valid TOML: nested too deeply") from None
+    return parse_space(data, source)
+
+
+def parse_space(data: dict, source: str) -> Pipeline:
+    """Check the parsed contents of a space file (`source` names it in messages)."""
+    if not isinstance(data, dict):
+        raise SpaceError(f"{source}: expected a table at the top, got {show(data)}")
+    no_unknown_keys(data, TOP_KEYS, f"{source}: ")
+    if "dataset" not in data:
+        raise SpaceError(f'{source}: dataset: missing; e.g. dataset = "digits"')
+    try:
+        dataset = field_value("dataset", data["dataset"])
+    except ParamError as err:
+        raise SpaceError(f"{source}: dataset: {err}") from None
+    metric = data.get("metric", "val_acc")
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise SpaceError(f"{source}: metric: {show(metric)} is not one of {', '.join(METRICS)}")
+    fixed = fixed_table(data.get("fixed", {}), f"{source}: fixed")
+    raw_stages = data.get("stage")
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise SpaceError(f"{source}: stage: expected at least one [[stage]] table")
+    names = [raw.get("name") if isinstance(raw, dict) else None for raw in raw_stages]
+    stages: list[Stage] = []
+    for index, raw in enumerate(raw_stages):
+        stages.append(_stage(raw, index, names, stages, source))
+    pipeline = Pipeline(dataset, metric, fixed, tuple(stages))
+    _check_configs(pipeline, source)
+    return pipeline
+
+
+def _stage(raw: Any, index: int, names: list, done: list[Stage], source: str) -> Stage:
+    at = f"{source}: stage #{index + 1}"
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{at}: expected a table, got {show(raw)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not _STAGE_NAME.fullmatch(name):
+        raise SpaceError(f"{at}: name: expected 1 to 64 letters, digits, _ or -, got {show(name)}")
+    if name in (stage.name for stage in done):
+        raise SpaceError(f"{at}: name: {name!r} is already the name of an earlier stage")
+    at = f"{source}: stage {name!r}"
+    no_unknown_keys(raw, STAGE_KEYS, f"{at}: ")
+    if "trials" not in raw or "epochs" not in raw:
+        raise SpaceError(f"{at}: {'trials' if 'trials' not in raw else 'epochs'}: missing")
+    trials = count(raw["trials"], f"{at}: trials", minimum=1)
+    try:
+        epochs = field_value("epochs", raw["epochs"])
+    except ParamError as err:
+        raise SpaceError(f"{at}: epochs: {err}") from None
+    pruner = Pruner(**counts(raw.get("pruner", {}), _DEFAULT_PRUNER, f"{at}: pruner"))
+    sampler = Sampler(**counts(raw.get("sampler", {}), _DEFAULT_SAMPLER, f"{at}: sampler"))
+    teacher = _teacher(raw.get("teacher"), name, names, done, f"{at}: teacher")
+    fixed = fixed_table(raw.get("fixed", {}), f"{at}: fixed")
+    params_raw = raw.get("params", {})
+    if not isinstance(params_raw, dict):
+        raise SpaceError(f"{at}: params: expected a table, got {show(params_raw)}")
+    params: dict[str, Param] = {}
+    for key, table in params_raw.items():
+        try:
+            check_field(key, searched=True)
+            params[key] = parse_param(key, table)
+        except ParamError as err:
+            raise SpaceError(f"{at}: params.{key_text(key)}: {err}") from None
+        if key in fixed:
+            raise SpaceError(f"{at}: params.{key}: also in this stage's fixed; keep one")
+    return Stage(name, trials, epochs, pruner, sampler, params, fixed, teacher)
+
+
+def _teacher(value: Any, name: str, names: list, done: list[Stage], at: str) -> str | None:
+    if value is None:
+        return None
+    earlier = [stage.name for stage in done]
+    if not isinstance(value, str) or not value.startswith("best:"):
+        raise SpaceError(f'{at}: expected "best:<earlier stage>", got {show(value)}')
+    ref = value.removeprefix("best:")
+    if ref in earlier:
+        return ref
+    if ref == name:
+        raise SpaceError(f"{at}: a stage cannot distil from itself")
+    if ref in names:
+        raise SpaceError(f"{at}: stage {ref!r} runs later; the teacher must be an earlier stage")
+    close = difflib.get_close_matches(ref, earlier, n=1)
+    hint = f"; did you mean best:{close[0]}?" if close else f"; earlier stages: {earlier or 'none'}"
+    raise SpaceError(f"{at}: no stage named {ref!r}{hint}")
+
+
+def _check_configs(pipeline: Pipeline, source: str) -> None:
+    """Check each stage's assembled config, and each searched or carried value against it.
+
+    Values are checked one at a time (not every combination), which catches the cross-field
+    rules of `trainer.config.check` for any single choice: a CIFAR net with torchvision weights,
+    a batch size that accum_steps does not divide, kd_alpha > 0 in a stage without a teacher.
+    """
+    carried: dict[str, tuple[str, Param]] = {}
+    for stage in pipeline.stages:
+        at = f"{source}: stage {stage.name!r}"
+        base = base_config(pipeline, stage, {})
+        if stage.teacher:
+            base["teacher"] = f"best:{stage.teacher}"  # stands in for the path the worker fills
+        try:
+            check_config(base)
+        except ParamError as err:
+            raise SpaceError(f"{at}: {_hint(err)} (from dataset + fixed + stage fixed)") from None
+        todo = [(key, p, "", base) for key, p in stage.params.items()]
+        for key, (origin, p) in carried.items():
+            if key not in stage.fixed and key not in stage.params:
+                # A distilling stage's teacher is carried on with its params (search/pipeline.py
+                # `carried_from`), so a carried kd_alpha comes with its teacher.
+                teacher = pipeline.stage(origin).teacher
+                with_teacher = {**base, "teacher": f"best:{teacher}"} if teacher else base
+                todo.append((key, p, f" (carried from stage {origin!r})", with_teacher))
+        for key, param, note, on in todo:
+            try:
+                check_values(on, key, param)
+            except ParamError as err:
+                raise SpaceError(f"{at}: params.{key}{note}: {_hint(err)}") from None
+        if stage.teacher and not any(v > 0 for v in _kd_alphas(pipeline, stage, carried)):
+            raise SpaceError(
+                f"{at}: teacher: kd_alpha is 0 in every trial of this stage, so the teacher would"
+                " never be used; search kd_alpha (e.g. { low = 0.1, high = 0.9 }) or fix it > 0"
+            )
+        carried.update({key: (stage.name, p) for key, p in stage.params.items()})
+
+
+def _hint(err: ParamError) -> str:
+    """The message, plus how a space file gives a stage its teacher when that is what is missing."""
+    if "kd_alpha" in str(err) and "teacher" in str(err):
+        return f'{err}; in a space file, give the stage teacher = "best:<earlier stage>"'
+    return str(err)
+
+
+def _kd_alphas(pipeline: Pipeline, stage: Stage, carried: dict[str, tuple[str, Param]]) -> tuple:
+    """The kd_alpha values a trial of `stage` can have (ends of a range)."""
+    if "kd_alpha" in stage.params:
+        return values_to_check(stage.params["kd_alpha"])
+    if "kd_alpha" in stage.fixed:
+        return (stage.fixed["kd_alpha"],)
+    if "kd_alpha" in carried:
+        return values_to_check(carried["kd_alpha"][1])
+    return (pipeline.fixed.get("kd_alpha", TrainConfig.kd_alpha),)
+
+
+def _to_data(pipeline: Pipeline) -> dict[str, Any]:
+    stages = []
+    for stage in pipeline.stages:
+        data: dict[str, Any] = {
+            "name": stage.name,
+            "trials": stage.trials,
+            "epochs": stage.epochs,
+            "pruner": dataclasses.asdict(stage.pruner),
+            "sampler": dataclasses.asdict(stage.sampler),
+            "fixed": dict(stage.fixed),
+            "params": {key: param_table(p) for key, p in stage.params.items()},
+        }
+        if stage.teacher is not None:
+            data["teacher"] = f"best:{stage.teacher}"
+        stages.append(data)
+    return {
+        "dataset": pipeline.dataset,
+        "metric": pipeline.metric,
+        "fixed": dict(pipeline.fixed),
+        "stage": stages,
+    }
