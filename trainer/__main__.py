@@ -14,7 +14,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from trainer.config import FIELD_NAMES, ConfigError, TrainConfig, field_type, with_overrides
+from trainer.config import (
+    FIELD_NAMES,
+    ConfigError,
+    TrainConfig,
+    coerce,
+    field_type,
+    with_overrides,
+)
 from trainer.errors import TrainError
 
 
@@ -66,7 +73,12 @@ def _parser() -> argparse.ArgumentParser:
 def _config_from(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = {}
     if args.config:
-        values.update(_read_config_file(args.config))
+        for name, value in _read_config_file(args.config).items():
+            try:
+                values[name] = coerce(name, value)
+            except ConfigError as e:
+                # Name the file, so a bad key is not mistaken for a bad flag.
+                raise ConfigError(f"--config {str(args.config)!r}: {e}") from None
     values.update({k: v for k, v in vars(args).items() if k in FIELD_NAMES and v is not None})
     return with_overrides(TrainConfig(), values)
 
@@ -77,7 +89,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"--config {str(path)!r}: {e.strerror}") from e
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         kind = path.suffix[1:].upper() or "JSON"
         raise ConfigError(f"--config {str(path)!r} is not valid {kind}: {e}") from e

@@ -9,6 +9,10 @@ import torch
 from trainer.config import ConfigError
 
 
+class NoFreeDevice(ConfigError):
+    """Every GPU is claimed by another worker on this host."""
+
+
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
@@ -88,7 +92,7 @@ def claim_free_index(lock_dir: str, count: int) -> tuple[int, int]:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         return index, fd
-    raise ConfigError(f"device: all {count} GPU(s) are claimed by other workers ({lock_dir})")
+    raise NoFreeDevice(f"device: all {count} GPU(s) are claimed by other workers ({lock_dir})")
 
 
 def claim_device(name: str, lock_dir: str) -> tuple[str, int | None]:

@@ -19,11 +19,18 @@ from trainer.saved_model import load_model, saved_config
 
 def export_model(best: str | Path, out: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Copy a `best.pt` into `out` with its config as JSON beside it (`python -m trainer
-    --config out/config.json` retrains it; `--evaluate out` tests it). Checks the file first."""
+    --config out/config.json` retrains it; `--evaluate out` tests it). Checks the file first;
+    `best` may also be the checkpoint_dir holding it."""
+    best = Path(best)
+    if best.is_dir():
+        best = best / checkpoint.BEST
     payload = checkpoint.load(best)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(best, out / checkpoint.BEST)
+    target = out / checkpoint.BEST
+    # Exporting into the checkpoint_dir itself only adds config.json; copyfile would refuse.
+    if not (target.exists() and target.samefile(best)):
+        shutil.copyfile(best, target)
     config = {k: v for k, v in payload["config"].items() if k not in ("checkpoint_dir", "fault")}
     (out / "config.json").write_text(
         json.dumps({"config": config, "metrics": payload["metrics"], **(extra or {})}, indent=2)

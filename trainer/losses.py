@@ -32,10 +32,15 @@ def kd_loss(
     hard = hard_loss(student, labels, label_smoothing=label_smoothing, weight=weight)
     if alpha == 0:
         return hard
+    return (1.0 - alpha) * hard + alpha * soft_loss(student, teacher, temperature=temperature)
+
+
+def soft_loss(student: Tensor, teacher: Tensor, *, temperature: float) -> Tensor:
+    """T^2 * KL(teacher_T || student_T), a mean over the batch's images: `kd_loss`'s soft term."""
     log_p_student = F.log_softmax(student.float() / temperature, dim=1)
     log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=1)
-    soft = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    return (1.0 - alpha) * hard + alpha * temperature**2 * soft
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return temperature**2 * kl
 
 
 def balanced_weights(class_counts: Tensor) -> Tensor:
@@ -49,6 +54,3 @@ def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     k = min(k, logits.shape[1])
     top = logits.topk(k, dim=1).indices
     return (top == labels[:, None]).any(dim=1).sum()
-
-
-

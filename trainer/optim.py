@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 from trainer.models import is_head
 
 
@@ -33,6 +33,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     ]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(param_groups, lr=0.0, betas=(cfg.momentum, 0.999))
+    if cfg.optimizer == "nesterov" and cfg.momentum == 0:
+        # torch would raise a bare ValueError mid-setup; this is the user's config to fix.
+        raise ConfigError("momentum: nesterov needs momentum > 0; use optimizer = sgd for none")
     return torch.optim.SGD(
         param_groups, lr=0.0, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov"
     )

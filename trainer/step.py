@@ -1,8 +1,10 @@
 """One optimizer step, split into micro-batches, that falls back to smaller ones on OOM.
 
-The effective batch never changes: gradients of the micro-batches are summed with weights
-len(micro) / len(batch), so a step on 4 x 32 images equals a step on 128 images up to float
-rounding and BatchNorm's per-micro-batch statistics.
+The effective batch never changes: each micro-batch's loss is weighted by its share of the batch
+(its images' share for the distillation term; its class weights' share for the cross entropy,
+which a weighted mean normalises by total weight, not image count), and the gradients summed, so
+a step on 4 x 32 images equals a step on 128 images up to float rounding and BatchNorm's
+per-micro-batch statistics.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from trainer.config import TrainConfig, fault_of
 from trainer.device import Runtime, release_memory
 from trainer.errors import Diverged, OutOfMemory
 from trainer.evaluate import autocast
-from trainer.losses import kd_loss
+from trainer.losses import hard_loss, soft_loss
 
 
 class StepRunner:
@@ -64,8 +66,12 @@ class StepRunner:
         return loss
 
     def _accumulate(self, x: Tensor, y: Tensor, step: int) -> Tensor:
+        """Backward of `kd_loss` over the whole batch, one micro-batch at a time; returns it."""
         self.optimizer.zero_grad(set_to_none=True)
         total = len(y)
+        alpha = self.cfg.kd_alpha if self.teacher is not None else 0.0
+        weight = self.class_weight
+        weight_total = weight[y].sum() if weight is not None else None
         loss_sum = torch.zeros((), device=x.device)
         for start in range(0, total, self.micro_batch):
             xb, yb = x[start : start + self.micro_batch], y[start : start + self.micro_batch]
@@ -73,20 +79,21 @@ class StepRunner:
             with autocast(self.rt):
                 logits = self.model(xb)
                 teacher_logits = None
-                if self.teacher is not None:
+                if self.teacher is not None and alpha > 0:
                     with torch.no_grad():
                         teacher_logits = self.teacher(xb)
-            loss = kd_loss(
-                logits, teacher_logits if teacher_logits is not None else logits, yb,
-                temperature=self.cfg.kd_temperature,
-                alpha=self.cfg.kd_alpha if self.teacher is not None else 0.0,
-                label_smoothing=self.cfg.label_smoothing, weight=self.class_weight,
-            )
+            share = len(yb) / total
+            hard_share = share if weight_total is None else weight[yb].sum() / weight_total
+            hard = hard_loss(logits, yb, label_smoothing=self.cfg.label_smoothing, weight=weight)
+            loss = (1.0 - alpha) * hard_share * hard
+            if teacher_logits is not None:
+                soft = soft_loss(logits, teacher_logits, temperature=self.cfg.kd_temperature)
+                loss = loss + alpha * share * soft
             if self.fault == ("nan", step):
                 loss = loss * float("nan")
-            self.scaler.scale(loss * (len(yb) / total)).backward()
-            loss_sum += loss.detach() * len(yb)
-        return loss_sum / total
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        return loss_sum
 
     def _inject(self, micro: int) -> None:
         if self.fault is not None and self.fault[0] == "oom" and micro > self.fault[1]:

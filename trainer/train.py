@@ -87,7 +87,7 @@ def train(
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler)
-    teacher = load_model(cfg.teacher, rt.device)[0] if cfg.kd_alpha > 0 else None
+    teacher = _load_teacher(cfg, data, rt.device) if cfg.kd_alpha > 0 else None
     weight = balanced_weights(data.class_counts()).to(rt.device) if (
         cfg.class_weights == "balanced"
     ) else None
@@ -111,7 +111,8 @@ def train(
         _check_resumable(cfg, state["config"], ckpt_dir)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without loss scaling, e.g. on another device
+            scaler.load_state_dict(state["scaler"])
         runner.micro_batch = state["micro_batch"]
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
 
@@ -124,8 +125,9 @@ def train(
         started = time.perf_counter()
         for i, (x, y) in enumerate(data.train_batches(cfg.batch_size, shuffle)):
             step = epoch * steps_per_epoch + i
-            set_lr(optimizer, lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps,
-                                    peak=peak, floor=cfg.lr_floor * peak))
+            lr = lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps, peak=peak,
+                       floor=cfg.lr_floor * peak)
+            set_lr(optimizer, lr)
             inputs = train_transform(
                 x, pad=_crop_pad(cfg, data), flip=cfg.hflip and data.flip_safe,
                 jitter=cfg.jitter, mean=mean, std=std, generator=augment_gen,
@@ -135,7 +137,8 @@ def train(
             loss_sum += runner.step(inputs, y, epoch=epoch + 1, step=step) * len(y)
             seen += len(y)
             if stop is not None and stop.is_set():
-                raise Interrupted(epoch)
+                # `epoch` epochs are complete, but only a checkpoint_dir holds them.
+                raise Interrupted(epoch if ckpt_dir else 0)
             if progress is not None:
                 progress(epoch + 1, i + 1, steps_per_epoch)
         if rt.device.type == "cuda":
@@ -150,7 +153,9 @@ def train(
             "val_loss": val["loss"],
             "val_acc": val["acc"],
             "val_top5": val["top5"],
-            "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"],
+            # The scheduled rate of the epoch's last step, before any group's lr_mult: reading it
+            # back from a group would divide by zero when backbone_lr_mult is 0.
+            "lr": lr,
             "images_per_sec": seen / max(epoch_seconds, 1e-9),
             "epoch_seconds": epoch_seconds,
             "peak_memory_mb": peak_memory_mb(rt.device),
@@ -194,6 +199,21 @@ def train(
         checkpoint=str(ckpt_dir / checkpoint.BEST) if ckpt_dir else "",
         data=data.record, config=cfg.to_dict(),
     )
+
+
+def _load_teacher(cfg: TrainConfig, data: ImageData, device: torch.device) -> torch.nn.Module:
+    """The distillation teacher, checked to predict the same classes as this run's data: a KL
+    term between logits of different classes is meaningless, or a shape error mid-step."""
+    teacher, payload = load_model(cfg.teacher, device)
+    facts = payload["data"]
+    if list(facts["classes"]) != list(data.classes) or facts["in_channels"] != data.in_channels:
+        raise ConfigError(
+            f"teacher: {cfg.teacher!r} was trained on {len(facts['classes'])} classes of"
+            f" {facts['in_channels']}-channel images ({facts['record'].get('dataset')}), but"
+            f" {cfg.dataset} has {data.num_classes} classes of {data.in_channels}-channel"
+            " images; distil from a teacher trained on the same dataset"
+        )
+    return teacher
 
 
 def _seed_epoch(seed: int, epoch: int, device: torch.device) -> tuple[torch.Generator, Any]:
