@@ -12,8 +12,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import optuna
+import sqlalchemy as sa
+from optuna.storages._rdb import models
+from optuna.trial import TrialState
 
 from search import registry
 from search.storage import GRACE_SECONDS, HEARTBEAT_SECONDS
@@ -76,7 +80,33 @@ class Beat:
 
     def _reap(self) -> None:
         for study in self.studies():
+            self._adopt_beatless(study)
             optuna.storages.fail_stale_trials(study)
+
+    def _adopt_beatless(self, study: optuna.Study) -> None:
+        """A worker that died between taking a trial and its first beat (or whose `ask` was
+        committed just as the connection dropped) leaves a RUNNING trial with no heartbeat at
+        all, which Optuna never considers stale. Give such a trial, once it is older than the
+        grace period, one beat: if nobody beats it after that, it goes stale like any other."""
+        trials, beats = models.TrialModel.__table__, models.TrialHeartbeatModel.__table__
+        studies = models.StudyModel.__table__
+        cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=GRACE_SECONDS)
+        query = (
+            sa.select(trials.c.trial_id)
+            .select_from(
+                trials.join(studies, trials.c.study_id == studies.c.study_id)
+                .outerjoin(beats, beats.c.trial_id == trials.c.trial_id)
+            )
+            .where(studies.c.study_name == study.study_name,
+                   trials.c.state == TrialState.RUNNING.name,
+                   trials.c.datetime_start < cutoff,
+                   beats.c.trial_id.is_(None))
+        )
+        with self.storage.engine.connect() as conn:
+            orphans = list(conn.execute(query).scalars())
+        for trial_id in orphans:
+            log.warning("trial id %d runs without any heartbeat; watching it", trial_id)
+            self.storage.record_heartbeat(trial_id)
 
     @staticmethod
     def _guarded(what: str, fn: Callable[[], object]) -> bool:

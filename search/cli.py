@@ -24,6 +24,7 @@ from search import pipeline
 from search.space import SpaceError, load_space
 from search.storage import StorageError, open_storage, redact, resolve_url
 from trainer.config import ConfigError
+from trainer.device import NoFreeDevice
 
 DEFAULT_ARTIFACTS = "hpo-artifacts"
 USER_ERRORS = (SpaceError, StorageError, pipeline.PipelineError, ConfigError)
@@ -102,9 +103,18 @@ def _worker_flags(c: argparse.ArgumentParser) -> None:
     c.add_argument("--artifacts", type=Path, default=_default_artifacts(),
                    help="folder for checkpoints, shared by all workers (default: $HPO_ARTIFACTS,"
                         f" else ./{DEFAULT_ARTIFACTS})")
-    c.add_argument("--threads", type=int, default=int(os.environ.get("HPO_THREADS", "0")),
+    c.add_argument("--threads", type=int, default=_env_int("HPO_THREADS"),
                    help="CPU threads for PyTorch (default: all)")
     c.add_argument("--fault", default=os.environ.get("HPO_FAULT", ""), help=argparse.SUPPRESS)
+
+
+def _env_int(name: str) -> int:
+    """An integer from the environment; unset or empty (a compose default) means 0."""
+    text = os.environ.get(name, "").strip()
+    try:
+        return int(text) if text else 0
+    except ValueError:
+        raise pipeline.PipelineError(f"{name}={text!r} is not a whole number") from None
 
 
 def _default_artifacts() -> Path:
@@ -131,8 +141,14 @@ def _worker(args: argparse.Namespace) -> int:
     from search.worker import Worker
 
     _set_threads(args.threads)
-    worker = Worker(resolve_url(args.storage), args.study, device=args.device,
-                    artifacts=args.artifacts.resolve(), fault=args.fault)
+    try:
+        worker = Worker(resolve_url(args.storage), args.study, device=args.device,
+                        artifacts=args.artifacts.resolve(), fault=args.fault)
+    except NoFreeDevice as e:
+        # More workers than GPUs: this one has nothing to do. Exit 0 so a restart policy does
+        # not start it again and again.
+        print(f"hpo: {e}; this worker exits", file=sys.stderr)
+        return 0
     return worker.run()
 
 

@@ -207,17 +207,28 @@ def with_retry(what: str, fn: Callable[[], T], *, budget: float = OUTAGE_SECONDS
     while True:
         try:
             return fn()
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as e:
-            if time.monotonic() + delay > deadline:
+        except Exception as e:
+            if not is_connection_error(e) or time.monotonic() + delay > deadline:
                 raise
             log.warning("database unavailable during %s (%s); retrying in %.1fs", what,
-                        _first_line(e.orig or e), delay)
-        except sqlalchemy.exc.DBAPIError as e:
-            if not e.connection_invalidated or time.monotonic() + delay > deadline:
-                raise
-            log.warning("database connection lost during %s; retrying in %.1fs", what, delay)
+                        root_cause(e), delay)
         time.sleep(delay)
         delay = min(delay * 2, 10.0)
+
+
+def is_connection_error(e: BaseException) -> bool:
+    """Whether `e`, or what it wraps (Optuna wraps driver errors in StorageInternalError), says
+    the connection failed, rather than that the statement was wrong."""
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
+            return True
+        if isinstance(current, sqlalchemy.exc.DBAPIError) and current.connection_invalidated:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def root_cause(e: BaseException) -> str:

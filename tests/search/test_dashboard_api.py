@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.search.conftest import hpo, hpo_env
+from tests.helpers import hpo, hpo_env
 
 STARTUP_SECONDS = 60  # generous: two cores are shared with other test runs
 

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from search import pipeline
 from search.storage import open_storage
-from tests.search.conftest import hpo, start_worker, table_names, write_space
+from tests.helpers import hpo, start_worker, table_names, write_space
 
 ONE_STAGE = """
     dataset = "digits"

@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from search import pipeline
 from search.storage import open_storage
-from tests.search.conftest import hpo, start_stub_worker, write_space
+from tests.helpers import hpo, start_stub_worker, write_space
 
 SPACE = """
     dataset = "digits"

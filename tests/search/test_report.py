@@ -12,7 +12,7 @@ from search import pipeline
 from search.report import format_value
 from search.results import best
 from search.storage import open_storage
-from tests.search.conftest import hpo, tiny_space
+from tests.helpers import hpo, tiny_space
 
 
 def _section(page: str, section_id: str) -> str:

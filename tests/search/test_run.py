@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 
 from search import pipeline
 from search.storage import open_storage
-from tests.search.conftest import hpo, hpo_env, tiny_space
+from tests.helpers import hpo, hpo_env, tiny_space
 from trainer.config import TrainConfig, with_overrides
 
 

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from search.storage import build_url, redact
-from tests.search.conftest import _admin, hpo, hpo_env, tiny_space
+from tests.helpers import admin, hpo, hpo_env, tiny_space
 
 HOSTILE = "p@ss:w/rd{x}%41 é;'\""
 
@@ -76,7 +76,7 @@ def test_no_password_in_logs_output_errors_or_process_list(pg_url: str, tmp_path
 def worker_role(pg_url: str) -> str:
     """A role that may read and write rows but not change the schema, like a fleet's workers."""
     role = f"hpo_worker_{uuid.uuid4().hex[:8]}"
-    conn = _admin()
+    conn = admin()
     with conn.cursor() as cur:
         cur.execute(f'CREATE ROLE "{role}" LOGIN')
     conn.close()
@@ -89,7 +89,7 @@ def worker_role(pg_url: str) -> str:
     with conn.cursor() as cur:
         cur.execute(f'DROP OWNED BY "{role}"')
     conn.close()
-    conn = _admin()
+    conn = admin()
     with conn.cursor() as cur:
         cur.execute(f'DROP ROLE IF EXISTS "{role}"')
     conn.close()
@@ -103,7 +103,7 @@ def test_worker_needs_no_schema_rights(pg_url: str, worker_role: str, tmp_path: 
     db = make_url(pg_url)
     with psycopg2.connect(host=db.host, port=db.port or 5432, user="postgres",
                           dbname=db.database) as conn, conn.cursor() as cur:
-        # What docs/deploy.md tells an operator to grant a worker role: data, never DDL.
+        # What the README tells an operator to grant a worker role: data, never DDL.
         cur.execute(f'GRANT CONNECT ON DATABASE "{db.database}" TO "{worker_role}"')
         cur.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public'
                     f' TO "{worker_role}"')
