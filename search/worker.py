@@ -18,6 +18,7 @@ import time
 import traceback
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -35,6 +36,17 @@ log = logging.getLogger("hpo.worker")
 POLL_SECONDS = 2.0
 GPU_LOCK_DIR = os.environ.get("HPO_GPU_LOCK_DIR", "/tmp/hpo-gpu-locks")
 ERROR_LIMIT = 3  # a stage whose trials keep raising errors stops the worker after this many
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (not the peak), in MiB."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):  # not Linux: the peak is the best we have
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Worker:
@@ -122,6 +134,29 @@ class Worker:
             self.storage.engine, self.worker_id, current=f"{ctx.stage.name}#{trial.number}"))
         log.info("stage %s trial %d: start", ctx.stage.name, trial.number)
         started = time.monotonic()
+        try:
+            outcome = self._train_and_tell(study, trial, ctx)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # A reaper failed it while we ran it (our heartbeat was late: a stalled machine or a
+            # long outage) and queued a retry; our result must not overwrite that.
+            outcome = "taken over"
+            log.warning("stage %s trial %d was failed by a reaper while running here; its retry"
+                        " is queued", ctx.stage.name, trial.number)
+        finally:
+            beat.watch(None)
+        if outcome not in ("interrupted", "taken over"):
+            # Only a handed-back or re-queued trial resumes; others' optimizer state is dead weight.
+            (objective.checkpoint_dir(ctx, trial) / checkpoint.LAST).unlink(missing_ok=True)
+        self.trials_done += 1
+        with_retry("worker state", lambda: registry.touch_worker(
+            self.storage.engine, self.worker_id, trials_done=self.trials_done, current=""))
+        log.info("stage %s trial %d: %s in %.1fs", ctx.stage.name, trial.number, outcome,
+                 time.monotonic() - started)
+        return outcome
+
+    def _train_and_tell(
+        self, study: optuna.Study, trial: optuna.Trial, ctx: objective.TrialContext
+    ) -> str:
         outcome = "complete"
         try:
             value, _ = objective.run(trial, ctx, self.stop)
@@ -140,33 +175,28 @@ class Worker:
             frozen = with_retry("read trial", lambda: study._storage.get_trial(trial._trial_id))
             if not with_retry("check stage", lambda: stage_closed(study)):
                 with_retry("hand back", lambda: requeue(study, frozen, crashed=False))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise
         except Exception as e:  # a bad config, a bug, a broken file: record it and go on
             outcome = "error"
             log.error("stage %s trial %d failed:\n%s", ctx.stage.name, trial.number,
                       traceback.format_exc())
             self._note(trial, fail_reason="error", error=f"{type(e).__name__}: {e}")
             self._tell(study, trial, TrialState.FAIL)
-        finally:
-            beat.watch(None)
-        if outcome != "interrupted":
-            # Only a handed-back trial resumes; the others' optimizer state is dead weight.
-            (objective.checkpoint_dir(ctx, trial) / checkpoint.LAST).unlink(missing_ok=True)
-        self.trials_done += 1
-        with_retry("worker state", lambda: registry.touch_worker(
-            self.storage.engine, self.worker_id, trials_done=self.trials_done, current=""))
-        log.info("stage %s trial %d: %s in %.1fs", ctx.stage.name, trial.number, outcome,
-                 time.monotonic() - started)
         return outcome
 
     def _tell(
         self, study: optuna.Study, trial: optuna.Trial, state: TrialState,
         value: float | None = None,
     ) -> None:
+        # The worker's memory after each trial: a leak across many trials (OOM retries, cached
+        # data) shows up as a rising line in the dashboard.
+        self._note(trial, worker_rss_mb=round(rss_mb(), 1))
         # skip_if_finished: the reaper may have failed it during an outage (its retry is queued).
         with_retry("tell", lambda: study.tell(trial, value, state=state, skip_if_finished=True))
 
     @staticmethod
-    def _note(trial: optuna.Trial, **attrs: str) -> None:
+    def _note(trial: optuna.Trial, **attrs: Any) -> None:
         for key, value in attrs.items():
             with_retry(f"set {key}", lambda k=key, v=value: trial.set_user_attr(k, v))
 

@@ -17,7 +17,7 @@ ADMIN_URL = os.environ.get("HPO_TEST_PG", "postgresql://postgres@127.0.0.1:5432/
 ROOT = Path(__file__).resolve().parents[1]
 
 # Short heartbeats so tests see a dead worker's trial failed within seconds, not minutes.
-FAST_BEATS = {"HPO_HEARTBEAT": "1", "HPO_GRACE": "4"}
+FAST_BEATS = {"HPO_HEARTBEAT": "1", "HPO_GRACE": "8"}
 
 
 def admin() -> psycopg2.extensions.connection:

@@ -8,6 +8,7 @@ uninterrupted run would have done, without carrying generator states around.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -81,8 +82,15 @@ def train(
     check(cfg)
     rt = resolve_runtime(cfg.device, cfg.amp)
     data = load_data(cfg, rt.device)
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    resume_from = ckpt_dir / checkpoint.LAST if ckpt_dir and cfg.resume else None
+    if resume_from is not None and not resume_from.exists():
+        resume_from = None
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.num_classes, data.in_channels).to(rt.device)
+    # A resumed run takes every weight from its checkpoint: reading the pretrained source again
+    # would be wasted, or impossible when it was a download or a file since removed.
+    build_cfg = dataclasses.replace(cfg, pretrained="") if resume_from else cfg
+    model = build_model(build_cfg, data.num_classes, data.in_channels).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
@@ -99,15 +107,14 @@ def train(
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     peak = peak_lr(cfg.lr, cfg.batch_size, cfg.lr_per_256)
-    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     facts = _data_facts(data)
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     best_state: dict[str, Tensor] | None = None
     start_epoch = 0
-    if ckpt_dir and cfg.resume and (ckpt_dir / checkpoint.LAST).exists():
-        state = checkpoint.load(ckpt_dir / checkpoint.LAST, rt.device)
+    if resume_from is not None and ckpt_dir is not None:
+        state = checkpoint.load(resume_from, rt.device)
         _check_resumable(cfg, state["config"], ckpt_dir)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -154,3 +154,20 @@ def test_bad_space_file_changes_nothing(pg_url: str, tmp_path: Path, case: str) 
     assert "Traceback" not in result.stderr
     assert table_names(pg_url) == []  # not even Optuna's tables were created
     assert os.listdir(tmp_path) == ["bad.toml"]  # and nothing on disk
+
+
+def test_twenty_oom_trials_do_not_grow_the_worker(pg_url: str, tmp_path: Path) -> None:
+    space = _one_stage(tmp_path, trials=21, epochs=1)
+    assert hpo("create", "--space", str(space), "--study", "m", url=pg_url,
+               cwd=tmp_path).returncode == 0
+    worker = start_worker("m", url=pg_url, cwd=tmp_path, log=tmp_path / "w.log",
+                          HPO_FAULT="oom>0")
+    assert worker.wait(timeout=600) == 0, (tmp_path / "w.log").read_text()[-3000:]
+    trials = _study(pg_url, "m").get_trials()
+    assert [t.user_attrs["fail_reason"] for t in trials] == ["oom"] * 21
+    rss = [t.user_attrs["worker_rss_mb"] for t in trials]
+    # The first trial loads the data and warms the allocator; growth is measured after it.
+    growth = rss[20] / rss[0] - 1
+    print(f"\nworker RSS after trial 1: {rss[0]:.1f} MiB, after trial 21: {rss[20]:.1f} MiB"
+          f" ({growth:+.1%})")
+    assert growth <= 0.05
