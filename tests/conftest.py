@@ -57,7 +57,7 @@ def finished_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]
     cwd = tmp_path_factory.mktemp("finished")
     url = f"sqlite:///{cwd / 'hpo.db'}"
     space = tiny_space(cwd / "tiny.toml", trials1=3, trials2=2)
-    run = hpo("run", "--space", str(space), "--study", "done", "--workers", "1", "--device",
-              "cpu", "--artifacts", str(cwd / "artifacts"), url=url, cwd=cwd)
+    run = hpo("run", "--space", str(space), "--study", "done", "--workers", "1", "--threads", "1",
+              "--device", "cpu", "--artifacts", str(cwd / "artifacts"), url=url, cwd=cwd)
     assert run.returncode == 0, run.stderr[-3000:]
     return url, cwd
