@@ -64,10 +64,12 @@ def train_transform(
         flipped = torch.rand(n, 1, device=device, generator=generator) < 0.5
         cols = torch.where(flipped, cols.flip(1), cols)
     if pad > 0 or flip:
-        # One gather for both: image i takes rows[i] x cols[i] of its (padded) self.
-        images = torch.arange(n, device=device)[:, None, None, None]
-        channels = torch.arange(x.shape[1], device=device)[None, :, None, None]
-        x = x[images, channels, rows[:, None, :, None], cols[:, None, None, :]]
+        # One gather for both: image i takes rows[i] x cols[i] of its (padded) self. Flat
+        # offsets into each image's plane and a single `gather` are 3-6x faster than advanced
+        # indexing with four index tensors.
+        c, width = x.shape[1], x.shape[-1]
+        index = (rows[:, :, None] * width + cols[:, None, :]).reshape(n, 1, h * w)
+        x = x.reshape(n, c, -1).gather(2, index.expand(n, c, h * w)).view(n, c, h, w)
     out = x.float().div_(255)
     if jitter > 0:
         out = _jitter(out, jitter, generator)
