@@ -124,3 +124,44 @@ def test_workers_survive_two_postgres_restarts(pg_url: str, tmp_path: Path) -> N
     print(f"\nrestarts took {[round(d, 1) for d in downtime]}s; trials {len(ran)};"
           f" failed and retried {[t.number for t in ran if t.state == TrialState.FAIL]}")
     assert codes == [0, 0, 0], [log[-2000:] for log in logs]
+
+
+def test_orphan_is_failed_in_bounded_time_while_every_worker_is_busy(
+    pg_url: str, tmp_path: Path
+) -> None:
+    # Long trials (20 epochs x 0.5 s): when one worker dies, the others are mid-trial, so only
+    # the reaper thread running beside their training can notice.
+    space = write_space(tmp_path / "o.toml", SPACE.format(trials=6).replace(
+        "epochs = 4", "epochs = 20"))
+    assert hpo("create", "--space", str(space), "--study", "o", url=pg_url,
+               cwd=tmp_path).returncode == 0
+    beats = {**BEATS, "HPO_GRACE": "6"}
+    procs = [start_stub_worker("o", url=pg_url, cwd=tmp_path, log=tmp_path / f"w{i}.log",
+                               **beats) for i in range(3)]
+    deadline = time.monotonic() + 300
+    while len([t for t in _trials(pg_url) if t.state == TrialState.RUNNING
+               and len(t.intermediate_values) >= 2]) < 3:
+        assert time.monotonic() < deadline, "three trials never ran at once"
+        time.sleep(0.2)
+    running = {t.user_attrs["worker"]: t for t in _trials(pg_url)
+               if t.state == TrialState.RUNNING}
+    victim = procs[0]
+    orphan = next(t for w, t in running.items() if w.split("#")[0].endswith(f":{victim.pid}"))
+    victim.kill()
+    killed_at = time.monotonic()
+    while _trials(pg_url)[orphan.number].state == TrialState.RUNNING:
+        assert time.monotonic() - killed_at < 120, "the orphan was never failed"
+        time.sleep(0.2)
+    detection = time.monotonic() - killed_at
+    others_busy = sum(t.state == TrialState.RUNNING for t in _trials(pg_url))
+    codes = [p.wait(timeout=600) for p in procs[1:]]
+    ran = _check_nothing_lost(pg_url, 6, 3)
+    retries = [t for t in ran if t.user_attrs.get("retry_of") == orphan.number]
+    # grace + reaper interval (1 s with 1 s heartbeats) + 1 s of slack for polling and clocks.
+    bound = 6 + 1 + 1
+    print(f"\norphan trial {orphan.number} failed {detection:.1f}s after SIGKILL (bound {bound}s)"
+          f" while {others_busy} other trials ran; retries {[t.number for t in retries]}")
+    assert codes == [0, 0]
+    assert detection <= bound
+    assert len(retries) == 1 and retries[0].params == orphan.params
+    assert retries[0].state == TrialState.COMPLETE
