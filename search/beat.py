@@ -66,7 +66,8 @@ class Beat:
             if now >= next_reap:
                 self._guarded("reaper", self._reap)
                 next_reap = now + REAP_SECONDS
-            self._done.wait(0.5)
+            # A short tick: the reaper interval, not this loop, should bound detection time.
+            self._done.wait(0.1)
 
     def _beat(self) -> bool:
         with self._lock:
