@@ -54,7 +54,10 @@ class Requeue:
         if stage_closed(study):
             log.info("trial %d died after its stage closed; not retried", trial.number)
             return
-        requeue(study, trial, crashed=True)
+        from search.storage import with_retry  # storage imports this module for Requeue
+
+        # The trial is already failed: if the database blinks now, the retry must still be queued.
+        with_retry("re-queue", lambda: requeue(study, trial, crashed=True))
 
 
 def stage_closed(study: optuna.Study) -> bool:

@@ -223,7 +223,9 @@ def is_connection_error(e: BaseException) -> bool:
     current: BaseException | None = e
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
+        # SQLAlchemy's wrappers, and the driver's own (psycopg2, sqlite3) when a pool reconnect
+        # raises them bare: DB-API names these two classes the same in every driver.
+        if type(current).__name__ in ("OperationalError", "InterfaceError"):
             return True
         if isinstance(current, sqlalchemy.exc.DBAPIError) and current.connection_invalidated:
             return True
