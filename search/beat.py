@@ -35,6 +35,7 @@ class Beat:
     ) -> None:
         self.storage, self.worker_id, self.studies = storage, worker_id, studies
         self.trial_id: int | None = None
+        self._state: dict[str, object] = {}  # worker registry values not written yet
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hpo-beat", daemon=True)
@@ -55,6 +56,13 @@ class Beat:
         if trial_id is not None:
             self._guarded("heartbeat", lambda: self.storage.record_heartbeat(trial_id))
 
+    def note(self, **values: object) -> None:
+        """Worker registry values (`current`, `trials_done`) for `hpo status`, written with the
+        next beat rather than at once: per trial that would be two more commits, and status is
+        read by people, for whom a few seconds' lag does not matter."""
+        with self._lock:
+            self._state.update(values)
+
     def _run(self) -> None:
         next_beat = next_reap = 0.0
         while not self._done.is_set():
@@ -71,13 +79,17 @@ class Beat:
 
     def _beat(self) -> bool:
         with self._lock:
-            trial_id = self.trial_id
+            trial_id, state = self.trial_id, self._state
+            self._state = {}
         ok = True
         if trial_id is not None:
             ok = self._guarded("heartbeat", lambda: self.storage.record_heartbeat(trial_id))
-        return self._guarded(
-            "worker beat", lambda: registry.touch_worker(self.storage.engine, self.worker_id)
-        ) and ok
+        if not self._guarded("worker beat", lambda: registry.touch_worker(
+                self.storage.engine, self.worker_id, **state)):
+            with self._lock:  # written with the next beat, unless newer values came meanwhile
+                self._state = {**state, **self._state}
+            return False
+        return ok
 
     def _reap(self) -> None:
         for study in self.studies():

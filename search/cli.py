@@ -24,7 +24,6 @@ from search import pipeline
 from search.space import SpaceError, load_space
 from search.storage import StorageError, open_storage, redact, resolve_url
 from trainer.config import ConfigError
-from trainer.device import NoFreeDevice
 
 DEFAULT_ARTIFACTS = "hpo-artifacts"
 USER_ERRORS = (SpaceError, StorageError, pipeline.PipelineError, ConfigError)
@@ -144,7 +143,12 @@ def _worker(args: argparse.Namespace) -> int:
     try:
         worker = Worker(resolve_url(args.storage), args.study, device=args.device,
                         artifacts=args.artifacts.resolve(), fault=args.fault)
-    except NoFreeDevice as e:
+    except ConfigError as e:
+        # trainer.device imports torch, so its error class is looked up only once an error came.
+        from trainer.device import NoFreeDevice
+
+        if not isinstance(e, NoFreeDevice):
+            raise
         # More workers than GPUs: this one has nothing to do. Exit 0 so a restart policy does
         # not start it again and again.
         print(f"hpo: {e}; this worker exits", file=sys.stderr)
@@ -153,10 +157,14 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _set_threads(threads: int) -> None:
-    if threads > 0:
-        import torch
-
-        torch.set_num_threads(threads)
+    if threads <= 0:
+        return
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    else:
+        # torch sizes its thread pool from OMP_NUM_THREADS when it is first imported: a worker
+        # imports it with its first trial, not at start-up (see search/objective.py `train`).
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -5,25 +5,44 @@ recorded on the trial.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from search.retry import root_number
 from search.space import CategoricalParam, FloatParam, IntParam, Param, Pipeline, Stage, base_config
-from search.storage import with_retry
+from search.storage import set_user_attrs, with_retry
 from trainer.config import TrainConfig, with_overrides
 from trainer.errors import Interrupted
-from trainer.train import Result, train
+
+if TYPE_CHECKING:
+    from trainer.train import Report, Result
 
 # Set by the worker, never by a space file: where and how a trial runs, not what it computes.
 WORKER_OWNED = ("checkpoint_dir", "device", "resume", "fault")
+# trainer.checkpoint.LAST, spelt out here: importing the trainer's modules imports torch.
+LAST_CHECKPOINT = "last.pt"
+# A running trial's per-epoch metrics (user attribute "epochs", for the dashboard) are rewritten at
+# most this often, and always when the trial ends: every epoch when epochs take longer, instead of
+# ten writes a second when they are fast.
+EPOCHS_WRITE_SECONDS = 5.0
 log = logging.getLogger("hpo.trial")
+
+
+def train(cfg: TrainConfig, report: Report, *, stop: threading.Event) -> Result:
+    """`trainer.train`, imported on the first trial rather than when the worker starts: torch
+    costs a worker 300-800 MB and seconds of start-up, which a worker that never trains here
+    (one with no GPU left to claim, or the load tests' stub trainer) should not pay."""
+    from trainer.train import train as train_model
+
+    return train_model(cfg, report, stop=stop)
 
 
 @dataclass(frozen=True)
@@ -53,7 +72,10 @@ def checkpoint_dir(ctx: TrialContext, trial: optuna.Trial) -> Path:
 
 
 def trial_config(trial: optuna.Trial, ctx: TrialContext) -> TrainConfig:
-    params = {name: suggest(trial, name, p) for name, p in ctx.stage.params.items()}
+    # Sampling reads the study and writes the value: retried through an outage like every other
+    # database call of a trial (a value already written is returned as it is).
+    params = {name: with_retry(f"suggest {name}", lambda n=name, p=p: suggest(trial, n, p))
+              for name, p in ctx.stage.params.items()}
     overrides = {
         **base_config(ctx.pipeline, ctx.stage, ctx.carried),
         **params,
@@ -74,6 +96,12 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
                        "device": ctx.device})
     metric = ctx.pipeline.metric
     epochs: list[dict[str, Any]] = []
+    written = [0, time.monotonic()]  # epochs on the trial's user attribute, and when
+
+    def write_epochs() -> None:
+        if len(epochs) > written[0]:
+            _set_attrs(trial, {"epochs": epochs})
+            written[:] = [len(epochs), time.monotonic()]
 
     def report(epoch: int, metrics: dict[str, Any]) -> None:
         epochs.append(metrics)
@@ -81,14 +109,22 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
                  ctx.stage.name, trial.number, epoch, cfg.epochs, metric, metrics[metric],
                  metrics["train_loss"], metrics["images_per_sec"])
         with_retry("report", lambda: trial.report(metrics[metric], epoch))
-        _set_attrs(trial, {"epochs": epochs})
         if stop.is_set():
             raise Interrupted(epoch)
         # After the last epoch the run is complete: pruning it would only throw its result away.
         if epoch < cfg.epochs and with_retry("should_prune", trial.should_prune):
             raise optuna.TrialPruned(f"pruned at epoch {epoch}: {metric} {metrics[metric]:.4f}")
+        if time.monotonic() - written[1] >= EPOCHS_WRITE_SECONDS:
+            write_epochs()
 
-    result = train(cfg, report, stop=stop)
+    try:
+        result = train(cfg, report, stop=stop)
+    except Exception:
+        # A pruned, failed or handed-back trial keeps the epochs it ran. A trial a reaper failed
+        # cannot take them; the worker handles that from the error raised already.
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            write_epochs()
+        raise
     best_epoch = result.history[result.best_epoch - 1]
     store_dir = ctx.artifacts / "store"
     store_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +133,7 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
         artifact_store=FileSystemArtifactStore(str(store_dir)), file_path=result.checkpoint,
         study_or_trial=trial))
     _set_attrs(trial, {
+        "epochs": epochs,
         "metrics": {k: v for k, v in result.metrics().items()
                     if k not in ("history", "config", "data")},
         "images_per_sec": result.images_per_sec,
@@ -109,5 +146,4 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
 
 
 def _set_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
-    for key, value in attrs.items():
-        with_retry(f"set {key}", lambda k=key, v=value: trial.set_user_attr(k, v))
+    with_retry(f"set {', '.join(attrs)}", lambda: set_user_attrs(trial, attrs))

@@ -23,13 +23,11 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from search import objective, pipeline, registry
+from search import algorithms, objective, pipeline, registry
 from search.beat import Beat
 from search.retry import requeue, stage_closed
 from search.space import Pipeline, Stage
-from search.storage import open_storage, redact, with_retry
-from trainer import checkpoint
-from trainer.device import claim_device, resolve_device
+from search.storage import open_storage, redact, set_user_attrs, with_retry
 from trainer.errors import Diverged, Interrupted, OutOfMemory
 
 log = logging.getLogger("hpo.worker")
@@ -49,14 +47,24 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def worker_device(name: str) -> tuple[str, int | None]:
+    """The device this worker trains on, and the descriptor of its GPU claim (None: no claim).
+    `cpu` is answered without torch, so a CPU worker imports torch only when a trial trains."""
+    if name == "cpu":
+        return "cpu", None
+    from trainer.device import claim_device, resolve_device
+
+    claimed, lock = claim_device(name, GPU_LOCK_DIR)
+    return str(resolve_device(claimed)), lock
+
+
 class Worker:
     def __init__(
         self, url: str, study: str, *, device: str = "auto", artifacts: Path, fault: str = ""
     ) -> None:
         self.url, self.study, self.artifacts, self.fault = url, study, artifacts, fault
         # The claim's lock lives as long as this process: keep the descriptor open.
-        claimed, self._device_lock = claim_device(device, GPU_LOCK_DIR)
-        self.device = str(resolve_device(claimed))
+        self.device, self._device_lock = worker_device(device)
         self.storage = open_storage(url)
         self.pipeline: Pipeline = pipeline.load(self.storage, study)
         self.stop = threading.Event()
@@ -70,9 +78,9 @@ class Worker:
             self.storage.engine, self.study, self.device))
         log.info("worker %d on %s: study %r at %s", self.worker_id, self.device, self.study,
                  redact(self.url))
-        self._studies = [
+        self._studies = with_retry("load stages", lambda: [
             pipeline.load_stage_study(self.storage, self.study, s) for s in self.pipeline.stages
-        ]
+        ])
         state = "failed"
         try:
             with Beat(self.storage, self.worker_id, lambda: self._studies) as beat:
@@ -85,7 +93,8 @@ class Worker:
             return 0
         finally:
             with_retry("sign off", lambda: registry.touch_worker(
-                self.storage.engine, self.worker_id, state=state, current=""))
+                self.storage.engine, self.worker_id, state=state, current="",
+                trials_done=self.trials_done))
 
     def _run_stage(self, index: int, stage: Stage, beat: Beat) -> bool:
         """Run trials of `stage` until its budget is spent; False when the worker must stop."""
@@ -93,17 +102,18 @@ class Worker:
             return False
         opened = with_retry("open stage", lambda: pipeline.open_stage(
             self.storage, self.study, self.pipeline, index))
-        study = pipeline.load_stage_study(
+        study = with_retry("load stage", lambda: pipeline.load_stage_study(
             self.storage, self.study, stage,
-            sampler=optuna.samplers.TPESampler(
+            # Optuna's TPE and median pruner, with reads that stay cheap as the study grows.
+            sampler=algorithms.TPESampler(
                 n_startup_trials=stage.sampler.startup_trials, multivariate=True, group=True,
                 constant_liar=True, seed=self.worker_id * 1_000 + index,
             ),
-            pruner=optuna.pruners.MedianPruner(
+            pruner=algorithms.MedianPruner(
                 n_startup_trials=stage.pruner.startup_trials,
                 n_warmup_steps=stage.pruner.warmup_epochs,
             ),
-        )
+        ))
         ctx = objective.TrialContext(
             study=self.study, pipeline=self.pipeline, stage=stage, carried=opened.carried,
             artifacts=self.artifacts, device=self.device,
@@ -130,8 +140,7 @@ class Worker:
         self, study: optuna.Study, trial: optuna.Trial, ctx: objective.TrialContext, beat: Beat
     ) -> str:
         beat.watch(trial._trial_id)
-        with_retry("register trial", lambda: registry.touch_worker(
-            self.storage.engine, self.worker_id, current=f"{ctx.stage.name}#{trial.number}"))
+        beat.note(current=f"{ctx.stage.name}#{trial.number}")
         log.info("stage %s trial %d: start", ctx.stage.name, trial.number)
         started = time.monotonic()
         try:
@@ -146,10 +155,10 @@ class Worker:
             beat.watch(None)
         if outcome not in ("interrupted", "taken over"):
             # Only a handed-back or re-queued trial resumes; others' optimizer state is dead weight.
-            (objective.checkpoint_dir(ctx, trial) / checkpoint.LAST).unlink(missing_ok=True)
+            (objective.checkpoint_dir(ctx, trial) / objective.LAST_CHECKPOINT).unlink(
+                missing_ok=True)
         self.trials_done += 1
-        with_retry("worker state", lambda: registry.touch_worker(
-            self.storage.engine, self.worker_id, trials_done=self.trials_done, current=""))
+        beat.note(trials_done=self.trials_done, current="")
         log.info("stage %s trial %d: %s in %.1fs", ctx.stage.name, trial.number, outcome,
                  time.monotonic() - started)
         return outcome
@@ -166,12 +175,10 @@ class Worker:
             self._tell(study, trial, TrialState.PRUNED)
         except (OutOfMemory, Diverged) as e:
             outcome = "oom" if isinstance(e, OutOfMemory) else "diverged"
-            self._note(trial, fail_reason=outcome, error=str(e))
-            self._tell(study, trial, TrialState.PRUNED)
+            self._tell(study, trial, TrialState.PRUNED, fail_reason=outcome, error=str(e))
         except Interrupted as e:
             outcome = "interrupted"
-            self._note(trial, fail_reason="interrupted", error=str(e))
-            self._tell(study, trial, TrialState.FAIL)
+            self._tell(study, trial, TrialState.FAIL, fail_reason="interrupted", error=str(e))
             frozen = with_retry("read trial", lambda: study._storage.get_trial(trial._trial_id))
             if not with_retry("check stage", lambda: stage_closed(study)):
                 with_retry("hand back", lambda: requeue(study, frozen, crashed=False))
@@ -181,28 +188,26 @@ class Worker:
             outcome = "error"
             log.error("stage %s trial %d failed:\n%s", ctx.stage.name, trial.number,
                       traceback.format_exc())
-            self._note(trial, fail_reason="error", error=f"{type(e).__name__}: {e}")
-            self._tell(study, trial, TrialState.FAIL)
+            self._tell(study, trial, TrialState.FAIL, fail_reason="error",
+                       error=f"{type(e).__name__}: {e}")
         return outcome
 
     def _tell(
         self, study: optuna.Study, trial: optuna.Trial, state: TrialState,
-        value: float | None = None,
+        value: float | None = None, **attrs: Any,
     ) -> None:
+        """Record `attrs` on the trial, then finish it in `state`."""
         # The worker's memory after each trial: a leak across many trials (OOM retries, cached
         # data) shows up as a rising line in the dashboard.
-        self._note(trial, worker_rss_mb=round(rss_mb(), 1))
+        attrs["worker_rss_mb"] = round(rss_mb(), 1)
+        with_retry(f"set {', '.join(attrs)}", lambda: set_user_attrs(trial, attrs))
         # skip_if_finished: the reaper may have failed it during an outage (its retry is queued).
         with_retry("tell", lambda: study.tell(trial, value, state=state, skip_if_finished=True))
 
-    @staticmethod
-    def _note(trial: optuna.Trial, **attrs: Any) -> None:
-        for key, value in attrs.items():
-            with_retry(f"set {key}", lambda k=key, v=value: trial.set_user_attr(k, v))
-
     def _wait_closed(self, stage: Stage) -> bool:
         """Block until `stage` has spent its budget (other workers may still be finishing it)."""
-        study = pipeline.load_stage_study(self.storage, self.study, stage)
+        study = with_retry("load stage", lambda: pipeline.load_stage_study(
+            self.storage, self.study, stage))
         while not self.stop.is_set():
             if with_retry("count trials", lambda: pipeline.counts(study)).finished >= stage.trials:
                 return True

@@ -3,6 +3,9 @@ test is the queue (Optuna, PostgreSQL, heartbeats), not the training. Everything
 the production code path.
 
     python -m tests.search.stub_worker worker --study S --device cpu ...
+
+It never imports torch (the worker imports the trainer with its first real trial), so a load test
+or benchmark can run dozens of these in a few GB.
 """
 
 from __future__ import annotations
@@ -12,21 +15,49 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from search import cli, objective
-from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.errors import Interrupted
-from trainer.train import Report, Result
 
 EPOCH_SECONDS = float(os.environ.get("STUB_EPOCH_SECONDS", "0"))
+BEST = "best.pt"  # trainer.checkpoint.BEST (importing that module imports torch)
+
+
+@dataclass
+class Result:
+    """The fields of `trainer.train.Result` that `search.objective.run` reads, with its meaning."""
+
+    val_acc: float
+    val_top5: float
+    val_loss: float
+    best_epoch: int
+    test_acc: float
+    test_top5: float
+    test_loss: float
+    test_macro_f1: float
+    test_f1: list[float]
+    confusion: list[list[int]]
+    history: list[dict[str, Any]]
+    images_per_sec: float
+    peak_memory_mb: float
+    device: str
+    amp: str
+    checkpoint: str
+    data: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 def stub_train(
-    cfg: TrainConfig, report: Report | None = None, *, stop: threading.Event | None = None,
-    progress: Any = None,
+    cfg: TrainConfig, report: Callable[[int, dict[str, Any]], None] | None = None, *,
+    stop: threading.Event | None = None, progress: Any = None,
 ) -> Result:
     # A smooth, deterministic response surface: best near lr = 0.1.
     acc = math.exp(-(math.log10(cfg.lr) + 1.0) ** 2)
@@ -40,7 +71,7 @@ def stub_train(
         history.append(metrics)
         if report is not None:
             report(epoch, metrics)
-    best = Path(cfg.checkpoint_dir) / checkpoint.BEST
+    best = Path(cfg.checkpoint_dir) / BEST
     best.parent.mkdir(parents=True, exist_ok=True)
     best.write_bytes(b"stub")
     return Result(

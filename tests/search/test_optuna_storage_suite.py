@@ -1,5 +1,5 @@
 """Optuna's own storage test suite (`optuna.testing.pytest_storages.StorageTestCase`), run
-against the storage this service opens: its engine settings (small pool, pre-ping, timeouts),
+against the storage this service opens: its engine settings (small pool, idle ping, timeouts),
 heartbeats and re-queue callback, on a fresh PostgreSQL database per test."""
 
 from __future__ import annotations
