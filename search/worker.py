@@ -70,6 +70,7 @@ class Worker:
         self.stop = threading.Event()
         self.worker_id = 0
         self.trials_done = 0
+        self.gave_up = False  # ERROR_LIMIT trials in a row raised errors
         self._studies: list[optuna.Study] = []
 
     def run(self) -> int:
@@ -89,6 +90,10 @@ class Worker:
                         break
                 else:
                     self._drain(beat)
+            if self.gave_up:
+                # Non-zero, so `hpo run`, a restart policy and whoever reads the exit code see
+                # that this worker stopped because its trials fail, not because the search is done.
+                return 1
             state = "stopped" if self.stop.is_set() else "done"
             return 0
         finally:
@@ -131,6 +136,7 @@ class Worker:
                 if errors >= ERROR_LIMIT:
                     log.error("stage %s: %d trials in a row raised errors; stopping this worker",
                               stage.name, errors)
+                    self.gave_up = True
                     return False
             else:
                 errors = 0
@@ -225,6 +231,8 @@ class Worker:
                     # Re-queued after we finished that stage: the normal loop runs waiting trials
                     # even when the budget is spent.
                     self._run_stage(index, self.pipeline.stages[index], beat)
+                    if self.gave_up:
+                        return
                 busy += counts.running + counts.waiting
             if busy == 0:
                 return

@@ -3,6 +3,7 @@ space files that must leave the database untouched."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -15,6 +16,7 @@ from optuna.trial import TrialState
 
 from search import pipeline
 from search.storage import open_storage
+from search.worker import ERROR_LIMIT
 from tests.helpers import hpo, start_worker, table_names, write_space
 
 ONE_STAGE = """
@@ -171,3 +173,22 @@ def test_twenty_oom_trials_do_not_grow_the_worker(pg_url: str, tmp_path: Path) -
     print(f"\nworker RSS after trial 1: {rss[0]:.1f} MiB, after trial 21: {rss[20]:.1f} MiB"
           f" ({growth:+.1%})")
     assert growth <= 0.05
+
+
+def test_worker_whose_trials_keep_failing_exits_nonzero(pg_url: str, tmp_path: Path) -> None:
+    """The data folder is gone on this worker's machine (an unmounted share, say): every trial
+    raises, and after ERROR_LIMIT in a row the worker stops, marked failed, with exit code 1
+    rather than the 0 of a finished search."""
+    images = tmp_path / "images"
+    space = write_space(tmp_path / "gone.toml", ONE_STAGE.format(trials=6, epochs=1, width=0.25)
+                        .replace('"digits"', f'"imagefolder:{images}"'))
+    assert hpo("create", "--space", str(space), "--study", "g", url=pg_url,
+               cwd=tmp_path).returncode == 0
+    worker = start_worker("g", url=pg_url, cwd=tmp_path, log=tmp_path / "w.log")
+    assert worker.wait(timeout=300) == 1, (tmp_path / "w.log").read_text()[-3000:]
+    trials = _study(pg_url, "g").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * ERROR_LIMIT
+    assert all(t.user_attrs["fail_reason"] == "error" and "is not a folder" in
+               t.user_attrs["error"] for t in trials)
+    status = json.loads(hpo("status", "g", "--json", url=pg_url, cwd=tmp_path).stdout)
+    assert [(w["state"], w["trials_done"]) for w in status["workers"]] == [("failed", ERROR_LIMIT)]
