@@ -79,7 +79,11 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (workers also take cuda:free)
     amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
     eval_batch_size: int = 512
-    checkpoint_dir: str = ""  # last.pt every epoch, best.pt on improvement; "" = none
+    checkpoint_dir: str = ""  # last.pt (to resume) and best.pt (the weights kept); "" = none
+    # The most training time a crash can lose, in seconds: epoch checkpoints go to disk once this
+    # long has passed since the last write, after the last epoch, and on a stop (then nothing is
+    # lost); 0 writes every epoch. Writing a small model takes longer than an epoch on small data.
+    checkpoint_seconds: float = 30.0
     resume: bool = True  # continue from checkpoint_dir/last.pt when it is there
     fault: str = ""  # testing aid: "oom>N" fails micro-batches above N; "nan@S" NaN at step S
 
@@ -123,6 +127,7 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "kd_temperature": (0.0, math.inf, False, False),
     "kd_alpha": (0.0, 1.0, True, True),
     "eval_batch_size": (1, 1 << 20, True, True),
+    "checkpoint_seconds": (0.0, math.inf, True, False),
 }
 
 

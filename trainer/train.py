@@ -7,7 +7,6 @@ uninterrupted run would have done, without carrying generator states around.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import threading
 import time
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from trainer import checkpoint
 from trainer.augment import train_transform
@@ -39,7 +37,8 @@ Progress = Callable[[int, int, int], None]  # (epoch, step in epoch, steps per e
 # Fields that may differ between a run and the checkpoint it resumes: they change where or how
 # fast the run happens, not what it computes.
 _RESUMABLE_DIFFERENCES = frozenset(
-    {"device", "checkpoint_dir", "resume", "num_workers", "eval_batch_size", "fault", "download"}
+    {"device", "checkpoint_dir", "resume", "num_workers", "eval_batch_size", "fault", "download",
+     "checkpoint_seconds"}
 )
 
 
@@ -76,7 +75,8 @@ def train(
     progress: Progress | None = None,
 ) -> Result:
     """Train one model. `report(epoch, metrics)` is called after each epoch's checkpoint (epochs
-    count from 1) and may raise to end the run; `stop` ends it at the next step with `Interrupted`.
+    count from 1; see `EpochCheckpoints` for when it reaches the disk) and may raise to end the
+    run (`Interrupted` first writes the epoch); `stop` ends it at the next step with `Interrupted`.
     Raises `Diverged`, `OutOfMemory`, `Interrupted`, or `ConfigError` for a bad config or data.
     """
     check(cfg)
@@ -111,7 +111,7 @@ def train(
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
-    best_state: dict[str, Tensor] | None = None
+    ckpts = checkpoint.EpochCheckpoints(ckpt_dir, cfg.checkpoint_seconds)
     start_epoch = 0
     if resume_from is not None and ckpt_dir is not None:
         state = checkpoint.load(resume_from, rt.device)
@@ -145,6 +145,7 @@ def train(
             seen += len(y)
             if stop is not None and stop.is_set():
                 # `epoch` epochs are complete, but only a checkpoint_dir holds them.
+                ckpts.flush()
                 raise Interrupted(epoch if ckpt_dir else 0)
             if progress is not None:
                 progress(epoch + 1, i + 1, steps_per_epoch)
@@ -169,30 +170,29 @@ def train(
             "micro_batch": runner.micro_batch,
         }
         history.append(metrics)
-        if best is None or metrics["val_acc"] > best["val_acc"]:
+        improved = best is None or metrics["val_acc"] > best["val_acc"]
+        if improved:
             best = metrics
-            if ckpt_dir:
-                checkpoint.save(ckpt_dir / checkpoint.BEST, {
-                    "config": cfg.to_dict(), "epoch": epoch + 1, "model": model.state_dict(),
-                    "metrics": metrics, "data": facts,
-                })
-            else:
-                best_state = copy.deepcopy(model.state_dict())
-        if ckpt_dir:
-            checkpoint.save(ckpt_dir / checkpoint.LAST, {
-                "config": cfg.to_dict(), "epoch": epoch + 1, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "micro_batch": runner.micro_batch, "history": history, "best": best,
-                "data": facts,
-            })
+        ckpts.epoch({
+            "config": cfg.to_dict(), "epoch": epoch + 1, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "micro_batch": runner.micro_batch, "history": history, "best": best, "data": facts,
+        }, {
+            "config": cfg.to_dict(), "epoch": epoch + 1, "model": model.state_dict(),
+            "metrics": metrics, "data": facts,
+        } if improved else None, final=epoch + 1 == cfg.epochs)
         if report is not None:
-            report(epoch + 1, metrics)
+            try:
+                report(epoch + 1, metrics)
+            except Interrupted:
+                ckpts.flush()  # the trial is handed back: it resumes from this epoch
+                raise
 
     assert best is not None  # epochs >= 1 is enforced by check()
-    if ckpt_dir:
+    if ckpts.best_model is not None:
+        model.load_state_dict(ckpts.best_model)
+    elif ckpt_dir:  # resumed, and no epoch since beat the best one before the interruption
         model.load_state_dict(checkpoint.load(ckpt_dir / checkpoint.BEST, rt.device)["model"])
-    elif best_state is not None:
-        model.load_state_dict(best_state)
     test = evaluate(model, data, "test", rt, batch_size=cfg.eval_batch_size, mean=mean, std=std,
                     confusion=True)
     return Result(

@@ -36,9 +36,11 @@ ONE_STAGE = """
 """
 
 
-def _one_stage(tmp: Path, *, trials: int, epochs: int, width: float = 0.25) -> Path:
-    return write_space(tmp / "one.toml", ONE_STAGE.format(trials=trials, epochs=epochs,
-                                                          width=width))
+def _one_stage(
+    tmp: Path, *, trials: int, epochs: int, width: float = 0.25, fixed: str = ""
+) -> Path:
+    text = ONE_STAGE.format(trials=trials, epochs=epochs, width=width)
+    return write_space(tmp / "one.toml", text.replace("[fixed]", f"[fixed]\n    {fixed}"))
 
 
 def _study(url: str, name: str) -> optuna.Study:
@@ -56,7 +58,8 @@ def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 300) ->
 
 
 def test_sigkilled_worker_trial_is_retried_from_its_checkpoint(pg_url: str, tmp_path: Path) -> None:
-    space = _one_stage(tmp_path, trials=2, epochs=6, width=0.5)
+    # Every epoch on disk: by default a crash loses up to 30 s of training, all of these trials.
+    space = _one_stage(tmp_path, trials=2, epochs=6, width=0.5, fixed="checkpoint_seconds = 0")
     assert hpo("create", "--space", str(space), "--study", "k", url=pg_url,
                cwd=tmp_path).returncode == 0
     study = _study(pg_url, "k")

@@ -142,18 +142,22 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Result:
     return train(replace(RESUME, checkpoint_dir=str(tmp_path_factory.mktemp("whole"))))
 
 
+@pytest.mark.parametrize(("seconds", "error"), [
+    (0.0, _Stop),  # every epoch is on disk before its report: any error leaves it there
+    (3600.0, Interrupted),  # deferred writes: a hand-back writes the epoch before it leaves
+])
 def test_resume_after_a_report_raised_equals_the_uninterrupted_run(
-    uninterrupted: Result, tmp_path: Path
+    uninterrupted: Result, tmp_path: Path, seconds: float, error: type[Exception]
 ) -> None:
-    config = replace(RESUME, checkpoint_dir=str(tmp_path))
+    config = replace(RESUME, checkpoint_dir=str(tmp_path), checkpoint_seconds=seconds)
     reported: list[int] = []
 
     def stop_after_first(epoch: int, metrics: dict[str, Any]) -> None:
         reported.append(epoch)
         if epoch == 1:
-            raise _Stop
+            raise error(1)
 
-    with pytest.raises(_Stop):
+    with pytest.raises(error):
         train(config, report=stop_after_first)
     assert reported == [1]
     assert checkpoint.load(tmp_path / checkpoint.LAST)["epoch"] == 1
@@ -184,6 +188,33 @@ def test_resume_after_a_stop_mid_epoch_equals_the_uninterrupted_run(
     assert resumed_reports == [2, 3]
     assert curve(result) == curve(uninterrupted)
     assert outcome(result) == outcome(uninterrupted)
+
+
+@pytest.mark.parametrize("seconds", [0.0, 3600.0])
+def test_when_checkpoints_reach_the_disk(
+    uninterrupted: Result, tmp_path: Path, seconds: float
+) -> None:
+    """Every epoch with checkpoint_seconds = 0; with a long interval only the last one, and then
+    best.pt holds the best epoch's weights and last.pt the final state, as when every epoch is
+    written (the `uninterrupted` run used the default interval, 30 s, which a 3-epoch run on
+    digits never reaches)."""
+    config = replace(RESUME, checkpoint_dir=str(tmp_path), checkpoint_seconds=seconds)
+    on_disk: list[int | None] = []
+
+    def look(epoch: int, metrics: dict[str, Any]) -> None:
+        last = tmp_path / checkpoint.LAST
+        on_disk.append(checkpoint.load(last)["epoch"] if last.exists() else None)
+
+    result = train(config, report=look)
+    assert on_disk == ([1, 2, 3] if seconds == 0 else [None, None, 3])
+    assert curve(result) == curve(uninterrupted) and outcome(result) == outcome(uninterrupted)
+    best = checkpoint.load(tmp_path / checkpoint.BEST)
+    assert best["epoch"] == result.best_epoch
+    assert all(torch.equal(a, b) for a, b in zip(
+        weights(Path(uninterrupted.checkpoint)).values(), best["model"].values(), strict=True))
+    last = checkpoint.load(tmp_path / checkpoint.LAST)
+    assert (last["epoch"], last["history"], last["best"]["epoch"]) == (
+        3, result.history, result.best_epoch)
 
 
 def test_interrupted_without_a_checkpoint_dir_has_no_epoch_to_resume() -> None:
