@@ -58,6 +58,17 @@ def worker_device(name: str) -> tuple[str, int | None]:
     return str(resolve_device(claimed)), lock
 
 
+def ask(study: optuna.Study, waiting: int) -> optuna.Trial:
+    """`study.ask()`; when the count just taken found no waiting trial, without Optuna's look for
+    one, which reads every unfinished trial of the study with all its attributes (a cost that
+    grows with the number of workers) to learn what the count said. A trial queued between the
+    count and this call waits for the next ask, of this worker or another."""
+    if waiting:
+        return study.ask()
+    study._thread_local.cached_all_trials = None  # as `ask` does: sampling reads the study anew
+    return optuna.Trial(study, study._storage.create_new_trial(study._study_id))
+
+
 class Worker:
     def __init__(
         self, url: str, study: str, *, device: str = "auto", artifacts: Path, fault: str = ""
@@ -129,7 +140,7 @@ class Worker:
             counts = with_retry("count trials", lambda: pipeline.counts(study))
             if counts.finished >= stage.trials and counts.waiting == 0:
                 return True
-            trial = with_retry("ask", study.ask)
+            trial = with_retry("ask", lambda waiting=counts.waiting: ask(study, waiting))
             state = self._run_trial(study, trial, ctx, beat)
             if state == "error":
                 errors += 1

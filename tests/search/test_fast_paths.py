@@ -157,3 +157,39 @@ def test_tpe_split_is_optunas(direction: str) -> None:
         want = _split_trials(study, trials, n_below)
         assert [[t.number for t in part] for part in got] == \
                [[t.number for t in part] for part in want], n_below
+
+
+@pytest.mark.parametrize("ours", [False, True])
+def test_one_read_of_the_study_per_ask(pg_url: str, ours: bool) -> None:
+    """Each read of the study loads every unfinished trial with all its attributes, so its cost
+    grows with the number of workers. Optuna's ask and TPE read it three times per trial (the
+    waiting-trial look, the search space, the constant-liar sample of each parameter group); the
+    worker's once."""
+    from optuna.storages._cached_storage import _CachedStorage
+
+    from search.worker import ask
+
+    study = _study(optuna.storages.RDBStorage(pg_url), "reads", ours=ours)
+    others = [study.ask() for _ in range(3)]  # running trials of other workers
+    for t in others:
+        _suggest(t)
+    for t in [study.ask() for _ in range(6)]:
+        study.tell(t, _curve(_suggest(t), EPOCHS))
+    reads = []
+    original = _CachedStorage._read_trials_from_remote_storage
+
+    def counted(self: _CachedStorage, study_id: int) -> None:
+        reads.append(study_id)
+        original(self, study_id)
+
+    _CachedStorage._read_trials_from_remote_storage = counted  # type: ignore[method-assign]
+    try:
+        for _ in range(3):
+            trial = ask(study, waiting=0) if ours else study.ask()
+            _suggest(trial)
+            study.tell(trial, 0.5)
+            assert len(reads) == 1 if ours else len(reads) >= 3, reads
+            reads.clear()
+    finally:
+        _CachedStorage._read_trials_from_remote_storage = original  # type: ignore[method-assign]
+    assert all(len(t.params) >= 4 for t in study.get_trials(states=(TrialState.COMPLETE,)))
