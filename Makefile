@@ -27,8 +27,14 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Every benchmark in its short form (about 15 minutes on 2 idle cores); BENCHMARKS.md has the
+# full commands and figures.
 bench: $(STAMP)
+	bash scripts/ensure-postgres.sh
 	$(PY) bench/trainer_throughput.py
+	$(PY) bench/trial_overhead.py
+	$(PY) bench/orchestration.py --quick
+	$(PY) bench/search_efficiency.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache hpo-artifacts *.db

@@ -3,14 +3,12 @@ same test on SQLite and PostgreSQL, and one finished study shared by the read-on
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy.engine import make_url
 
-from tests.helpers import ADMIN_URL, admin, hpo, tiny_space
+from tests.helpers import create_database, database_url, drop_database, hpo, tiny_space
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -25,21 +23,9 @@ def _one_torch_thread() -> None:
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A new, empty PostgreSQL database for this test, dropped afterwards."""
-    name = f"hpo_test_{uuid.uuid4().hex[:12]}"
-    conn = admin()
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        conn.close()
-    url = make_url(ADMIN_URL).set(drivername="postgresql+psycopg2", database=name)
-    yield url.render_as_string(hide_password=False)
-    conn = admin()
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        conn.close()
+    name = create_database("hpo_test")
+    yield database_url(name)
+    drop_database(name)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

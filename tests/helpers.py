@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import psycopg2
@@ -20,14 +21,41 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST_BEATS = {"HPO_HEARTBEAT": "1", "HPO_GRACE": "8"}
 
 
-def admin() -> psycopg2.extensions.connection:
+def admin(database: str | None = None) -> psycopg2.extensions.connection:
+    """An autocommit connection to the server's admin database, or to `database`."""
     url = make_url(ADMIN_URL)
     conn = psycopg2.connect(
         host=url.host, port=url.port or 5432, user=url.username, password=url.password,
-        dbname=url.database, connect_timeout=5,
+        dbname=database or url.database, connect_timeout=5,
     )
     conn.autocommit = True
     return conn
+
+
+def create_database(prefix: str) -> str:
+    """A new, empty database on the test server, `<prefix>_<random>`; returns its name."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    _admin_execute(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def drop_database(name: str) -> None:
+    _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _admin_execute(statement: str) -> None:
+    conn = admin()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement)
+    finally:
+        conn.close()
+
+
+def database_url(name: str) -> str:
+    """The SQLAlchemy URL of database `name` on the test server, password included."""
+    return make_url(ADMIN_URL).set(drivername="postgresql+psycopg2", database=name) \
+        .render_as_string(hide_password=False)
 
 
 def hpo_env(url: str, **extra: str) -> dict[str, str]:
