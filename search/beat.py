@@ -20,7 +20,8 @@ from optuna.storages._rdb import models
 from optuna.trial import TrialState
 
 from search import registry
-from search.storage import GRACE_SECONDS, HEARTBEAT_SECONDS
+from search.retry import reap
+from search.storage import GRACE_SECONDS, HEARTBEAT_SECONDS, root_cause
 
 log = logging.getLogger(__name__)
 REAP_SECONDS = float(max(1, min(HEARTBEAT_SECONDS, GRACE_SECONDS // 4)))
@@ -94,13 +95,15 @@ class Beat:
     def _reap(self) -> None:
         for study in self.studies():
             self._adopt_beatless(study)
-            optuna.storages.fail_stale_trials(study)
+            for trial_id in study._storage._get_stale_trial_ids(study._study_id):
+                reap(study, trial_id)
 
     def _adopt_beatless(self, study: optuna.Study) -> None:
-        """A worker that died between taking a trial and its first beat (or whose `ask` was
-        committed just as the connection dropped) leaves a RUNNING trial with no heartbeat at
-        all, which Optuna never considers stale. Give such a trial, once it is older than the
-        grace period, one beat: if nobody beats it after that, it goes stale like any other."""
+        """A trial taken by Optuna's own ask (a plain script, or a worker of an older version)
+        whose process died before its first beat is RUNNING with no heartbeat at all, which
+        Optuna never considers stale. (The worker's `claim.ask` writes the first beat with the
+        trial.) Give such a trial, once it is older than the grace period, one beat: if nobody
+        beats it after that, it goes stale like any other."""
         trials, beats = models.TrialModel.__table__, models.TrialHeartbeatModel.__table__
         studies = models.StudyModel.__table__
         cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=GRACE_SECONDS)
@@ -127,5 +130,6 @@ class Beat:
             fn()
             return True
         except Exception as e:  # the database may be down; the next round tries again
-            log.warning("%s failed: %s", what, str(e).splitlines()[0] if str(e) else e)
+            # The driver's words: Optuna wraps them in a message about invalid data.
+            log.warning("%s failed: %s", what, root_cause(e))
             return False

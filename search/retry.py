@@ -1,6 +1,7 @@
 """Putting a trial back in the queue: after its worker died (heartbeat went stale) or handed it
 back (SIGTERM). The copy keeps the parameters, so it trains the same configuration, and names the
-first attempt, whose checkpoint folder it resumes from."""
+first attempt, whose checkpoint folder it resumes from. Each is written exactly once
+(`claim.py`): a stale trial is failed and its copy queued in one transaction."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 ROOT = "root"  # user attr: number of the first attempt of this configuration
 CRASHES = "crashes"  # user attr: how many attempts of it died without a word
+RETRY_OF = "retry_of"  # user attr: the number of the attempt this one retries
 BUDGET = "budget"  # study user attr: the stage's budget of finished trials
 
 log = logging.getLogger(__name__)
@@ -22,42 +24,68 @@ def root_number(trial: FrozenTrial | optuna.Trial) -> int:
     return int(trial.user_attrs.get(ROOT, trial.number))
 
 
-def requeue(study: optuna.Study, trial: FrozenTrial, *, crashed: bool) -> None:
-    """Enqueue a WAITING copy of `trial` with the same parameters."""
-    attrs: dict[str, Any] = {
+def copy_attrs(trial: FrozenTrial, *, crashed: bool) -> dict[str, Any]:
+    """The user attributes of a retry of `trial`."""
+    return {
         ROOT: root_number(trial),
         CRASHES: int(trial.user_attrs.get(CRASHES, 0)) + int(crashed),
-        "retry_of": trial.number,
+        RETRY_OF: trial.number,
     }
-    study.add_trial(
-        optuna.create_trial(
-            state=TrialState.WAITING,
-            params=trial.params,
-            distributions=trial.distributions,
-            user_attrs=attrs,
-        )
-    )
-    log.info("trial %d re-queued (%s)", trial.number, "crashed" if crashed else "handed back")
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial, *, crashed: bool) -> None:
+    """Enqueue a WAITING copy of `trial` with the same parameters, once: a call repeated after a
+    lost reply finds the copy and adds none. Retries through an outage."""
+    from search.claim import queue_copy  # claim imports storage, which imports this module
+
+    if queue_copy(study, trial, copy_attrs(trial, crashed=crashed)):
+        log.info("trial %d re-queued (%s)", trial.number, "crashed" if crashed else "handed back")
+
+
+def retry_of_crashed(
+    study: optuna.Study, trial: FrozenTrial, max_crash_retries: int = 1
+) -> dict[str, Any] | None:
+    """The user attributes of a retry of `trial`, whose worker died; None when it gets none: a
+    configuration that kills its worker must not loop forever, and once the stage's budget is
+    spent a retry would only be overshoot nobody waits for."""
+    if int(trial.user_attrs.get(CRASHES, 0)) >= max_crash_retries:
+        log.warning("trial %d died again; not retried", trial.number)
+        return None
+    if stage_closed(study):
+        log.info("trial %d died after its stage closed; not retried", trial.number)
+        return None
+    return copy_attrs(trial, crashed=True)
+
+
+def reap(study: optuna.Study, trial_id: int, max_crash_retries: int = 1) -> None:
+    """Fail the stale trial `trial_id` and queue its retry, in one transaction, so an outage
+    between the two cannot leave it failed and never retried. Not retried here: the reaper runs
+    beside the heartbeat, which must not wait out an outage behind it, and its next round finds
+    whatever is left to do."""
+    from search.claim import fail_running  # claim imports storage, which imports this module
+
+    trial = study._storage.get_trial(trial_id)
+    if trial.state != TrialState.RUNNING:
+        return
+    attrs = retry_of_crashed(study, trial, max_crash_retries)
+    if fail_running(study, trial, attrs):
+        log.warning("trial %d failed: no heartbeat for over the grace period%s", trial.number,
+                    "; re-queued" if attrs is not None else "")
 
 
 class Requeue:
-    """Heartbeat-stale callback: a trial whose worker died is retried, up to `max_crash_retries`
-    times per configuration, so a configuration that kills its worker cannot loop forever."""
+    """Heartbeat-stale callback, for Optuna's own `fail_stale_trials` (the worker's reaper uses
+    `reap`): the same retry, in a transaction after the one that failed the trial."""
 
     def __init__(self, max_crash_retries: int = 1) -> None:
         self.max_crash_retries = max_crash_retries
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if int(trial.user_attrs.get(CRASHES, 0)) >= self.max_crash_retries:
-            log.warning("trial %d died again; not retried", trial.number)
-            return
-        if stage_closed(study):
-            log.info("trial %d died after its stage closed; not retried", trial.number)
-            return
-        from search.storage import with_retry  # storage imports this module for Requeue
+        from search.claim import queue_copy
 
-        # The trial is already failed: if the database blinks now, the retry must still be queued.
-        with_retry("re-queue", lambda: requeue(study, trial, crashed=True))
+        attrs = retry_of_crashed(study, trial, self.max_crash_retries)
+        if attrs is not None and queue_copy(study, trial, attrs):
+            log.info("trial %d re-queued (crashed)", trial.number)
 
 
 def stage_closed(study: optuna.Study) -> bool:

@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 
 from search import algorithms, objective, pipeline, registry
 from search.beat import Beat
+from search.claim import ask
 from search.retry import requeue, stage_closed
 from search.space import Pipeline, Stage
 from search.storage import open_storage, redact, set_user_attrs, with_retry
@@ -56,17 +57,6 @@ def worker_device(name: str) -> tuple[str, int | None]:
 
     claimed, lock = claim_device(name, GPU_LOCK_DIR)
     return str(resolve_device(claimed)), lock
-
-
-def ask(study: optuna.Study, waiting: int) -> optuna.Trial:
-    """`study.ask()`; when the count just taken found no waiting trial, without Optuna's look for
-    one, which reads every unfinished trial of the study with all its attributes (a cost that
-    grows with the number of workers) to learn what the count said. A trial queued between the
-    count and this call waits for the next ask, of this worker or another."""
-    if waiting:
-        return study.ask()
-    study._thread_local.cached_all_trials = None  # as `ask` does: sampling reads the study anew
-    return optuna.Trial(study, study._storage.create_new_trial(study._study_id))
 
 
 class Worker:
@@ -140,7 +130,7 @@ class Worker:
             counts = with_retry("count trials", lambda: pipeline.counts(study))
             if counts.finished >= stage.trials and counts.waiting == 0:
                 return True
-            trial = with_retry("ask", lambda waiting=counts.waiting: ask(study, waiting))
+            trial = ask(study, counts.waiting)  # exactly once, retried through an outage
             state = self._run_trial(study, trial, ctx, beat)
             if state == "error":
                 errors += 1
@@ -198,7 +188,7 @@ class Worker:
             self._tell(study, trial, TrialState.FAIL, fail_reason="interrupted", error=str(e))
             frozen = with_retry("read trial", lambda: study._storage.get_trial(trial._trial_id))
             if not with_retry("check stage", lambda: stage_closed(study)):
-                with_retry("hand back", lambda: requeue(study, frozen, crashed=False))
+                requeue(study, frozen, crashed=False)
         except optuna.exceptions.UpdateFinishedTrialError:
             raise
         except Exception as e:  # a bad config, a bug, a broken file: record it and go on

@@ -1,0 +1,254 @@
+"""Trials written exactly once, however the connection fails.
+
+When the reply to a commit is lost (the network drops, the server restarts), the caller cannot
+tell whether the commit happened. Retrying `study.ask()` then makes a second trial and leaves the
+first RUNNING with nobody on it, until the reaper fails it a grace period or two later and
+re-queues it as if its worker had crashed; retrying `study.add_trial` queues a configuration
+twice, and it runs twice. (Optuna's own storage retries a failed trial insert up to five times,
+with the same effect.) So the worker writes the trials it takes and the copies it queues in
+transactions of its own, each leaving a mark by which a retry recognises that the first attempt
+landed:
+
+- `ask`: takes the oldest waiting trial or a new one, and in the same transaction records its
+  first heartbeat and a claim token (a system attribute, not shown as a user attribute); after a
+  connection error it looks for its token before it tries again.
+- `queue_copy`: inserts a WAITING copy of a trial, unless the study already holds one (the copy
+  names the trial it retries in its user attribute `retry_of`).
+- `fail_running`: fails a stale trial and queues its copy in the same transaction: Optuna's
+  `fail_stale_trials` commits the failure first and calls back for the retry afterwards, and a
+  connection lost in between leaves the trial failed and never retried.
+
+Trial numbers are given under a lock on the study's row, as Optuna gives them, so trial ids of a
+study become visible in increasing order (`algorithms.py` relies on it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import optuna
+import sqlalchemy as sa
+from optuna.distributions import BaseDistribution, distribution_to_json
+from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
+from optuna.storages._rdb import models
+from optuna.trial import FrozenTrial, TrialState
+
+from search.retry import RETRY_OF
+from search.storage import rdb, with_retry
+
+CLAIM = "hpo:claim"  # trial system attribute: the token of the ask that took the trial
+log = logging.getLogger(__name__)
+
+_TRIALS = models.TrialModel.__table__
+_STUDIES = models.StudyModel.__table__
+_PARAMS = models.TrialParamModel.__table__
+_USER_ATTRS = models.TrialUserAttributeModel.__table__
+_SYSTEM_ATTRS = models.TrialSystemAttributeModel.__table__
+_BEATS = models.TrialHeartbeatModel.__table__
+
+
+def ask(study: optuna.Study, waiting: int) -> optuna.Trial:
+    """What `study.ask()` does, exactly once: the oldest WAITING trial when `waiting` (the count
+    just taken) says there may be one, else a new RUNNING trial. Retries through an outage.
+
+    Without Optuna's look for a waiting trial when the count found none: that look reads every
+    unfinished trial of the study with all its attributes, a cost that grows with the number of
+    workers. A trial queued between the count and this call waits for the next ask."""
+    backend = rdb(study._storage)
+    if backend is None:
+        return study.ask()
+    token = secrets.token_hex(8)
+    tried = False
+
+    def attempt() -> FrozenTrial:
+        nonlocal tried
+        if tried:
+            taken = _claimed(backend.engine, study._study_id, token)
+            if taken is not None:  # the last attempt's commit landed; its reply did not
+                log.warning("trial id %d was taken before the connection dropped; running it",
+                            taken)
+                return backend.get_trial(taken)
+        tried = True
+        return _claim(backend, study._study_id, token, waiting)
+
+    frozen = with_retry("ask", attempt)
+    _remember(study, frozen)
+    study._thread_local.cached_all_trials = None  # as `ask` does: sampling reads the study anew
+    # Building the trial only reads (the trial, and the study for TPE's search space).
+    return with_retry("ask", lambda: optuna.Trial(study, frozen._trial_id))
+
+
+def queue_copy(
+    study: optuna.Study, trial: FrozenTrial, user_attrs: Mapping[str, Any]
+) -> bool:
+    """Queue a WAITING copy of `trial` (its parameters, and `user_attrs`, which must name it
+    under `retry_of`) unless the study holds one already. Retries through an outage; False when
+    a copy was there."""
+    assert user_attrs.get(RETRY_OF) == trial.number
+    backend = rdb(study._storage)
+    if backend is None:  # not a database we write ourselves: Optuna's own insert
+        study.add_trial(optuna.create_trial(
+            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+            user_attrs=dict(user_attrs)))
+        return True
+
+    def attempt() -> bool:
+        # The copy is looked for before every attempt, the first too: the caller may be
+        # retrying a call of ours.
+        with backend.engine.begin() as conn:
+            return _insert_copy(conn, study._study_id, trial, user_attrs)
+
+    return with_retry("re-queue", attempt)
+
+
+def fail_running(
+    study: optuna.Study, trial: FrozenTrial, copy_attrs: Mapping[str, Any] | None
+) -> bool:
+    """Fail `trial` if it is still RUNNING and, in the same transaction, queue a copy of it with
+    `copy_attrs` (None: no copy). False when it was no longer running (its worker finished it
+    after all, or another reaper was first). One attempt: the reaper's next round is the retry,
+    and finds the trial failed and its copy queued if this commit landed."""
+    backend = rdb(study._storage)
+    assert backend is not None, "the worker's reaper runs on a database"
+    with backend.engine.begin() as conn:
+        failed = conn.execute(
+            sa.update(_TRIALS)
+            .where(_TRIALS.c.trial_id == trial._trial_id, _TRIALS.c.state == TrialState.RUNNING)
+            .values(state=TrialState.FAIL, datetime_complete=datetime.now(UTC).replace(tzinfo=None))
+        ).rowcount
+        if failed and copy_attrs is not None:
+            _insert_copy(conn, study._study_id, trial, copy_attrs)
+    return bool(failed)
+
+
+def _insert_copy(
+    conn: sa.Connection, study_id: int, trial: FrozenTrial, user_attrs: Mapping[str, Any]
+) -> bool:
+    if _copy_exists(conn, study_id, trial.number):
+        return False
+    trial_id, _, _ = _insert_trial(conn, study_id, TrialState.WAITING)
+    _insert_params(conn, trial_id, trial.params, trial.distributions)
+    conn.execute(sa.insert(_USER_ATTRS), [
+        {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+        for key, value in user_attrs.items()
+    ])
+    return True
+
+
+def _claim(
+    backend: optuna.storages.RDBStorage, study_id: int, token: str, waiting: int
+) -> FrozenTrial:
+    with backend.engine.begin() as conn:
+        popped = _pop_waiting(conn, study_id) if waiting else None
+        if popped is None:
+            trial_id, number, start = _insert_trial(conn, study_id, TrialState.RUNNING)
+        else:
+            trial_id = popped
+        conn.execute(sa.insert(_SYSTEM_ATTRS).values(
+            trial_id=trial_id, key=CLAIM, value_json=json.dumps(token)))
+        # The first beat in the same commit: a taken trial is never without one, so a worker
+        # that dies right after taking it leaves an orphan that goes stale like any other.
+        conn.execute(sa.insert(_BEATS).values(trial_id=trial_id))
+    if popped is not None:
+        return backend.get_trial(trial_id)  # a queued copy: its parameters and attributes
+    return FrozenTrial(
+        number=number, state=TrialState.RUNNING, value=None, values=None,
+        datetime_start=_local(start), datetime_complete=None, params={}, distributions={},
+        user_attrs={}, system_attrs={CLAIM: token}, intermediate_values={}, trial_id=trial_id,
+    )
+
+
+def _insert_trial(
+    conn: sa.Connection, study_id: int, state: TrialState
+) -> tuple[int, int, datetime | None]:
+    """Insert a trial numbered after every other trial of the study: (trial id, number, start in
+    naive UTC, as Optuna stores datetimes; None for a waiting trial)."""
+    # Locks the study's row on PostgreSQL and MySQL. SQLite has no row locks; there the insert,
+    # which comes first, holds the database's write lock until the commit.
+    conn.execute(sa.select(_STUDIES.c.study_id).where(_STUDIES.c.study_id == study_id)
+                 .with_for_update())
+    start = datetime.now(UTC).replace(tzinfo=None) if state == TrialState.RUNNING else None
+    trial_id = conn.execute(sa.insert(_TRIALS).values(
+        study_id=study_id, number=None, state=state, datetime_start=start,
+    )).inserted_primary_key[0]
+    number = conn.execute(
+        sa.select(sa.func.count()).select_from(_TRIALS)
+        .where(_TRIALS.c.study_id == study_id, _TRIALS.c.trial_id < trial_id)
+    ).scalar_one()
+    conn.execute(sa.update(_TRIALS).where(_TRIALS.c.trial_id == trial_id).values(number=number))
+    return trial_id, number, start
+
+
+def _pop_waiting(conn: sa.Connection, study_id: int) -> int | None:
+    """Set the oldest WAITING trial of the study RUNNING; its id, or None when none waits."""
+    while True:
+        # SKIP LOCKED: workers popping at once take different trials instead of queueing on one
+        # (PostgreSQL, MySQL); elsewhere the guarded update below settles who got it.
+        trial_id = conn.execute(
+            sa.select(_TRIALS.c.trial_id)
+            .where(_TRIALS.c.study_id == study_id, _TRIALS.c.state == TrialState.WAITING)
+            .order_by(_TRIALS.c.trial_id).limit(1).with_for_update(skip_locked=True)
+        ).scalar()
+        if trial_id is None:
+            return None
+        taken = conn.execute(
+            sa.update(_TRIALS)
+            .where(_TRIALS.c.trial_id == trial_id, _TRIALS.c.state == TrialState.WAITING)
+            .values(state=TrialState.RUNNING, datetime_start=datetime.now(UTC).replace(tzinfo=None))
+        ).rowcount
+        if taken:
+            return trial_id
+
+
+def _insert_params(
+    conn: sa.Connection, trial_id: int, params: Mapping[str, Any],
+    distributions: Mapping[str, BaseDistribution],
+) -> None:
+    if params:
+        conn.execute(sa.insert(_PARAMS), [
+            {"trial_id": trial_id, "param_name": name,
+             "param_value": distributions[name].to_internal_repr(value),
+             "distribution_json": distribution_to_json(distributions[name])}
+            for name, value in params.items()
+        ])
+
+
+def _claimed(engine: sa.Engine, study_id: int, token: str) -> int | None:
+    """The running trial of the study that the ask with `token` took, if its commit landed."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(_TRIALS.c.trial_id)
+            .join(_SYSTEM_ATTRS, _SYSTEM_ATTRS.c.trial_id == _TRIALS.c.trial_id)
+            .where(_TRIALS.c.study_id == study_id, _TRIALS.c.state == TrialState.RUNNING,
+                   _SYSTEM_ATTRS.c.key == CLAIM, _SYSTEM_ATTRS.c.value_json == json.dumps(token))
+        ).scalar()
+
+
+def _copy_exists(conn: sa.Connection, study_id: int, number: int) -> bool:
+    return conn.execute(
+        sa.select(_USER_ATTRS.c.trial_id)
+        .join(_TRIALS, _TRIALS.c.trial_id == _USER_ATTRS.c.trial_id)
+        .where(_TRIALS.c.study_id == study_id, _USER_ATTRS.c.key == RETRY_OF,
+               _USER_ATTRS.c.value_json == json.dumps(number))
+        .limit(1)
+    ).first() is not None
+
+
+def _remember(study: optuna.Study, frozen: FrozenTrial) -> None:
+    """Tell the study's trial cache about the trial, as Optuna's `create_new_trial` does: its
+    parameter writes look the trial up there."""
+    cache = study._storage
+    if isinstance(cache, _CachedStorage):
+        with cache._lock:
+            cache._studies.setdefault(study._study_id, _StudyInfo())
+            cache._add_trials_to_cache(study._study_id, [frozen])
+
+
+def _local(utc: datetime | None) -> datetime | None:
+    """A naive UTC datetime as the naive local time FrozenTrial carries."""
+    return None if utc is None else utc.replace(tzinfo=UTC).astimezone().replace(tzinfo=None)
