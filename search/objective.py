@@ -66,16 +66,34 @@ def suggest(trial: optuna.Trial, name: str, param: Param) -> Any:
     return trial.suggest_categorical(name, list(param.choices))
 
 
+def suggest_once(trial: optuna.Trial, name: str, param: Param) -> Any:
+    """`suggest`, retried through an outage, and the value the database holds if the retry
+    follows a write whose reply was lost: Optuna's trial knows its parameters from its own
+    memory, so it would sample anew (a random value during TPE's start-up trials), its write
+    of the new value would be dropped against the stored one, and the trial would train a value
+    other than the one recorded."""
+    tried = False
+
+    def attempt() -> Any:
+        nonlocal tried
+        if tried:
+            stored = trial.study._storage.get_trial(trial._trial_id)
+            if name in stored.params:
+                trial._cached_frozen_trial.params[name] = stored.params[name]
+                trial._cached_frozen_trial.distributions[name] = stored.distributions[name]
+        tried = True
+        return suggest(trial, name, param)
+
+    return with_retry(f"suggest {name}", attempt)
+
+
 def checkpoint_dir(ctx: TrialContext, trial: optuna.Trial) -> Path:
     """Shared by every attempt of one configuration, so a retry resumes where the last stopped."""
     return ctx.artifacts / ctx.study / ctx.stage.name / f"trial-{root_number(trial):05d}"
 
 
 def trial_config(trial: optuna.Trial, ctx: TrialContext) -> TrainConfig:
-    # Sampling reads the study and writes the value: retried through an outage like every other
-    # database call of a trial (a value already written is returned as it is).
-    params = {name: with_retry(f"suggest {name}", lambda n=name, p=p: suggest(trial, n, p))
-              for name, p in ctx.stage.params.items()}
+    params = {name: suggest_once(trial, name, p) for name, p in ctx.stage.params.items()}
     overrides = {
         **base_config(ctx.pipeline, ctx.stage, ctx.carried),
         **params,

@@ -15,6 +15,8 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from search.claim import ask
+from search.objective import suggest_once
+from search.params import FloatParam
 from search.retry import reap, requeue
 from search.storage import open_storage, with_retry
 from tests.search.tcp_proxy import FlakyProxy
@@ -122,3 +124,19 @@ def test_reaper_whose_commit_reply_is_lost_fails_and_requeues_once(
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[1].params == trials[0].params
     assert trials[1].user_attrs == {"root": 0, "crashes": 1, "retry_of": 0}
+
+
+def test_suggest_whose_commit_reply_is_lost_trains_the_stored_value(
+    studies: tuple[optuna.Study, optuna.Study, FlakyProxy],
+) -> None:
+    """A retried suggest must return the value the database holds, not sample another (TPE's
+    start-up trials sample at random) whose write the database drops against the stored one."""
+    direct, study, proxy = studies
+    study.sampler = optuna.samplers.RandomSampler()
+    trial = ask(study, waiting=0)
+    proxy.lose_commit_reply(b"INSERT INTO trial_params ")
+    value = suggest_once(trial, "x", FloatParam(0.0, 1.0))
+    assert proxy.lost.is_set(), "the fault was not injected"
+    assert value == trial.params["x"]
+    study.tell(trial, value)
+    assert direct.get_trials()[0].params == {"x": value}
