@@ -50,12 +50,10 @@ class Beat:
         self._thread.join(timeout=30)
 
     def watch(self, trial_id: int | None) -> None:
-        """Beat for `trial_id` from now on (None: no trial). The first beat is written at once:
-        a trial without any beat is never considered stale."""
+        """Beat for `trial_id` from now on (None: no trial). Its first beat was written with the
+        trial when `claim.ask` took it, so none is written here."""
         with self._lock:
             self.trial_id = trial_id
-        if trial_id is not None:
-            self._guarded("heartbeat", lambda: self.storage.record_heartbeat(trial_id))
 
     def note(self, **values: object) -> None:
         """Worker registry values (`current`, `trials_done`) for `hpo status`, written with the
