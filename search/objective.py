@@ -6,6 +6,7 @@ recorded on the trial.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
 
 from search.retry import root_number
 from search.space import CategoricalParam, FloatParam, IntParam, Param, Pipeline, Stage, base_config
@@ -87,6 +89,29 @@ def suggest_once(trial: optuna.Trial, name: str, param: Param) -> Any:
     return with_retry(f"suggest {name}", attempt)
 
 
+def upload_once(trial: optuna.Trial, store: FileSystemArtifactStore, path: str) -> str:
+    """`upload_artifact` (an Optuna artifact, so optuna-dashboard lists the checkpoint on the
+    trial's page), retried through an outage, once: Optuna records the artifact on the trial
+    before it copies the file, so a retry after a lost reply would list the checkpoint twice,
+    the first time without a file behind it. The retry copies the file under the recorded id."""
+    tried = False
+    name = Path(path).name
+
+    def attempt() -> str:
+        nonlocal tried
+        if tried:
+            for key, value in trial.study._storage.get_trial(trial._trial_id).system_attrs.items():
+                meta = json.loads(value) if key.startswith(ARTIFACTS_ATTR_PREFIX) else {}
+                if meta.get("filename") == name:
+                    with open(path, "rb") as f:
+                        store.write(meta["artifact_id"], f)
+                    return str(meta["artifact_id"])
+        tried = True
+        return upload_artifact(artifact_store=store, file_path=path, study_or_trial=trial)
+
+    return with_retry("upload checkpoint", attempt)
+
+
 def checkpoint_dir(ctx: TrialContext, trial: optuna.Trial) -> Path:
     """Shared by every attempt of one configuration, so a retry resumes where the last stopped."""
     return ctx.artifacts / ctx.study / ctx.stage.name / f"trial-{root_number(trial):05d}"
@@ -146,10 +171,7 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
     best_epoch = result.history[result.best_epoch - 1]
     store_dir = ctx.artifacts / "store"
     store_dir.mkdir(parents=True, exist_ok=True)
-    # An Optuna artifact, so optuna-dashboard lists the checkpoint on the trial's page.
-    artifact = with_retry("upload checkpoint", lambda: upload_artifact(
-        artifact_store=FileSystemArtifactStore(str(store_dir)), file_path=result.checkpoint,
-        study_or_trial=trial))
+    artifact = upload_once(trial, FileSystemArtifactStore(str(store_dir)), result.checkpoint)
     _set_attrs(trial, {
         "epochs": epochs,
         "metrics": {k: v for k, v in result.metrics().items()

@@ -81,11 +81,8 @@ class Requeue:
         self.max_crash_retries = max_crash_retries
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        from search.claim import queue_copy
-
-        attrs = retry_of_crashed(study, trial, self.max_crash_retries)
-        if attrs is not None and queue_copy(study, trial, attrs):
-            log.info("trial %d re-queued (crashed)", trial.number)
+        if retry_of_crashed(study, trial, self.max_crash_retries) is not None:
+            requeue(study, trial, crashed=True)
 
 
 def stage_closed(study: optuna.Study) -> bool:

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import optuna
 import pytest
 import sqlalchemy as sa
+from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
 from optuna.storages._rdb import models
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from search.claim import ask
-from search.objective import suggest_once
+from search.objective import suggest_once, upload_once
 from search.params import FloatParam
 from search.retry import reap, requeue
 from search.storage import open_storage, with_retry
@@ -140,3 +142,24 @@ def test_suggest_whose_commit_reply_is_lost_trains_the_stored_value(
     assert value == trial.params["x"]
     study.tell(trial, value)
     assert direct.get_trials()[0].params == {"x": value}
+
+
+def test_upload_whose_commit_reply_is_lost_lists_the_checkpoint_once(
+    studies: tuple[optuna.Study, optuna.Study, FlakyProxy], tmp_path: Path,
+) -> None:
+    """Optuna records an artifact on the trial before it copies the file: retried after a lost
+    reply, it would list the checkpoint twice, once with no file behind it."""
+    direct, study, proxy = studies
+    trial = ask(study, waiting=0)
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"weights")
+    (tmp_path / "store").mkdir()
+    store = FileSystemArtifactStore(str(tmp_path / "store"))
+    proxy.lose_commit_reply(b"INSERT INTO trial_system_attributes ")
+    artifact_id = upload_once(trial, store, str(checkpoint))
+    assert proxy.lost.is_set(), "the fault was not injected"
+    study.tell(trial, 0.5)
+    listed = get_all_artifact_meta(direct.get_trials()[0], storage=direct._storage)
+    assert [(a.artifact_id, a.filename) for a in listed] == [(artifact_id, "best.pt")]
+    with store.open_reader(artifact_id) as f:
+        assert f.read() == b"weights"
