@@ -12,12 +12,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 
 import optuna
-import sqlalchemy as sa
-from optuna.storages._rdb import models
-from optuna.trial import TrialState
 
 from search import registry
 from search.retry import reap
@@ -92,35 +88,8 @@ class Beat:
 
     def _reap(self) -> None:
         for study in self.studies():
-            self._adopt_beatless(study)
             for trial_id in study._storage._get_stale_trial_ids(study._study_id):
                 reap(study, trial_id)
-
-    def _adopt_beatless(self, study: optuna.Study) -> None:
-        """A trial taken by Optuna's own ask (a plain script, or a worker of an older version)
-        whose process died before its first beat is RUNNING with no heartbeat at all, which
-        Optuna never considers stale. (The worker's `claim.ask` writes the first beat with the
-        trial.) Give such a trial, once it is older than the grace period, one beat: if nobody
-        beats it after that, it goes stale like any other."""
-        trials, beats = models.TrialModel.__table__, models.TrialHeartbeatModel.__table__
-        studies = models.StudyModel.__table__
-        cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=GRACE_SECONDS)
-        query = (
-            sa.select(trials.c.trial_id)
-            .select_from(
-                trials.join(studies, trials.c.study_id == studies.c.study_id)
-                .outerjoin(beats, beats.c.trial_id == trials.c.trial_id)
-            )
-            .where(studies.c.study_name == study.study_name,
-                   trials.c.state == TrialState.RUNNING.name,
-                   trials.c.datetime_start < cutoff,
-                   beats.c.trial_id.is_(None))
-        )
-        with self.storage.engine.connect() as conn:
-            orphans = list(conn.execute(query).scalars())
-        for trial_id in orphans:
-            log.warning("trial id %d runs without any heartbeat; watching it", trial_id)
-            self.storage.record_heartbeat(trial_id)
 
     @staticmethod
     def _guarded(what: str, fn: Callable[[], object]) -> bool:

@@ -63,20 +63,16 @@ def ask(study: optuna.Study, waiting: int) -> optuna.Trial:
     if backend is None:
         return study.ask()
     token = secrets.token_hex(8)
-    tried = False
 
-    def attempt() -> FrozenTrial:
-        nonlocal tried
-        if tried:
-            taken = _claimed(backend.engine, study._study_id, token)
-            if taken is not None:  # the last attempt's commit landed; its reply did not
-                log.warning("trial id %d was taken before the connection dropped; running it",
-                            taken)
-                return backend.get_trial(taken)
-        tried = True
-        return _claim(backend, study._study_id, token, waiting)
+    def landed() -> FrozenTrial | None:
+        taken = _claimed(backend.engine, study._study_id, token)
+        if taken is None:
+            return None
+        log.warning("trial id %d was taken before the connection dropped; running it", taken)
+        return backend.get_trial(taken)
 
-    frozen = with_retry("ask", attempt)
+    frozen = with_retry("ask", lambda: _claim(backend, study._study_id, token, waiting),
+                        landed=landed)
     _remember(study, frozen)
     study._thread_local.cached_all_trials = None  # as `ask` does: sampling reads the study anew
     # Building the trial only reads (the trial, and the study for TPE's search space).

@@ -73,20 +73,17 @@ def suggest_once(trial: optuna.Trial, name: str, param: Param) -> Any:
     follows a write whose reply was lost: Optuna's trial knows its parameters from its own
     memory, so it would sample anew (a random value during TPE's start-up trials), its write
     of the new value would be dropped against the stored one, and the trial would train a value
-    other than the one recorded."""
-    tried = False
+    other than the one recorded. (Parameter values are never None: TOML has no null.)"""
 
-    def attempt() -> Any:
-        nonlocal tried
-        if tried:
-            stored = trial.study._storage.get_trial(trial._trial_id)
-            if name in stored.params:
-                trial._cached_frozen_trial.params[name] = stored.params[name]
-                trial._cached_frozen_trial.distributions[name] = stored.distributions[name]
-        tried = True
-        return suggest(trial, name, param)
+    def landed() -> Any:
+        stored = trial.study._storage.get_trial(trial._trial_id)
+        if name not in stored.params:
+            return None
+        trial._cached_frozen_trial.params[name] = stored.params[name]
+        trial._cached_frozen_trial.distributions[name] = stored.distributions[name]
+        return stored.params[name]
 
-    return with_retry(f"suggest {name}", attempt)
+    return with_retry(f"suggest {name}", lambda: suggest(trial, name, param), landed=landed)
 
 
 def upload_once(trial: optuna.Trial, store: FileSystemArtifactStore, path: str) -> str:
@@ -94,22 +91,19 @@ def upload_once(trial: optuna.Trial, store: FileSystemArtifactStore, path: str) 
     trial's page), retried through an outage, once: Optuna records the artifact on the trial
     before it copies the file, so a retry after a lost reply would list the checkpoint twice,
     the first time without a file behind it. The retry copies the file under the recorded id."""
-    tried = False
     name = Path(path).name
 
-    def attempt() -> str:
-        nonlocal tried
-        if tried:
-            for key, value in trial.study._storage.get_trial(trial._trial_id).system_attrs.items():
-                meta = json.loads(value) if key.startswith(ARTIFACTS_ATTR_PREFIX) else {}
-                if meta.get("filename") == name:
-                    with open(path, "rb") as f:
-                        store.write(meta["artifact_id"], f)
-                    return str(meta["artifact_id"])
-        tried = True
-        return upload_artifact(artifact_store=store, file_path=path, study_or_trial=trial)
+    def landed() -> str | None:
+        for key, value in trial.study._storage.get_trial(trial._trial_id).system_attrs.items():
+            meta = json.loads(value) if key.startswith(ARTIFACTS_ATTR_PREFIX) else {}
+            if meta.get("filename") == name:
+                with open(path, "rb") as f:
+                    store.write(meta["artifact_id"], f)
+                return str(meta["artifact_id"])
+        return None
 
-    return with_retry("upload checkpoint", attempt)
+    return with_retry("upload checkpoint", lambda: upload_artifact(
+        artifact_store=store, file_path=path, study_or_trial=trial), landed=landed)
 
 
 def checkpoint_dir(ctx: TrialContext, trial: optuna.Trial) -> Path:

@@ -277,18 +277,29 @@ def _sqlite_wal(engine: sqlalchemy.Engine) -> None:
         conn.exec_driver_sql("PRAGMA journal_mode=WAL")
 
 
-def with_retry(what: str, fn: Callable[[], T], *, budget: float = OUTAGE_SECONDS) -> T:
+def with_retry(
+    what: str, fn: Callable[[], T], *, budget: float = OUTAGE_SECONDS,
+    landed: Callable[[], T | None] | None = None,
+) -> T:
     """Call `fn`, retrying with backoff while the database is unreachable (restart, network
-    blip). Errors that are not about the connection propagate at once."""
+    blip). Errors that are not about the connection propagate at once.
+
+    A write that must happen once passes `landed`: before each retry it returns what the failed
+    attempt wrote, if its commit landed and only the reply was lost (then that is the result),
+    or None (then `fn` runs again)."""
     delay, deadline = 0.5, time.monotonic() + budget
+    failed = False
     while True:
         try:
+            if failed and landed is not None and (found := landed()) is not None:
+                return found
             return fn()
         except Exception as e:
             if not is_connection_error(e) or time.monotonic() + delay > deadline:
                 raise
             log.warning("database unavailable during %s (%s); retrying in %.1fs", what,
                         root_cause(e), delay)
+        failed = True
         time.sleep(delay)
         delay = min(delay * 2, 10.0)
 
