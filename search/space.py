@@ -141,6 +141,18 @@ def base_config(pipeline: Pipeline, stage: Stage, carried: dict[str, Any]) -> di
     }
 
 
+def check_data(pipeline: Pipeline) -> None:
+    """Refuse a pipeline whose dataset cannot be read here (an ImageFolder that is not there or
+    has fewer than two class folders with images, CIFAR's files absent without `download`, a
+    crop padding the images do not allow), so a fleet does not start on it. Reads folder
+    listings only; raises trainer's DataUnavailable (a ConfigError) naming the problem."""
+    from trainer.config import TrainConfig, with_overrides
+    from trainer.sources import check_readable
+
+    for stage in pipeline.stages:
+        check_readable(with_overrides(TrainConfig(), base_config(pipeline, stage, {})))
+
+
 def load_space(path: str | Path) -> Pipeline:
     """Read, parse and check a space file; raises SpaceError and never writes anything."""
     source = str(path)

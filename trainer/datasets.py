@@ -24,14 +24,13 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 from trainer.config import ConfigError, TrainConfig
+from trainer.errors import DataUnavailable
+from trainer.sources import FOLDER_SIZE, SYNTHETIC_SIZE, list_folder
 
 # The extensions torchvision's ImageFolder accepts, so a tree that works there works here.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
-FOLDER_SIZE = 64  # pixels per side of image-folder images when cfg.image_size is 0
 SYNTHETIC_COUNT = 2048
 SYNTHETIC_CLASSES = 10
-SYNTHETIC_SIZE = 32
 _RESIZE_CHUNK = 1024  # images per interpolate call: bounds the float32 temporaries
 
 
@@ -120,12 +119,12 @@ def _cifar(name: str, root: str, download: bool) -> Source:
             if download
             else "pass download=true (--download) to fetch it"
         )
-        raise ConfigError(
+        raise DataUnavailable(
             f"dataset {name}: {folder!r} is missing or incomplete; {hint}, or put"
             f" {kind.base_folder} in {root!r} ({error})"
         ) from error
     except OSError as error:  # the download itself failed (no network, no space)
-        raise ConfigError(
+        raise DataUnavailable(
             f"dataset {name}: downloading into {root!r} failed ({error}); put"
             f" {kind.base_folder} there by hand"
         ) from error
@@ -181,28 +180,7 @@ def _synthetic(size: int) -> Source:
 
 
 def _folder(root: str, image_size: int, decode: bool) -> Source:
-    if not os.path.isdir(root):
-        raise ConfigError(f"dataset imagefolder: {root!r} is not a folder")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise ConfigError(
-            f"dataset imagefolder: {root!r} has no class sub-folders; expected"
-            f" {root}/<class>/<image>.png"
-        )
-    paths: list[str] = []
-    labels: list[int] = []
-    empty: list[str] = []
-    for index, name in enumerate(classes):
-        files = list_images(os.path.join(root, name))
-        if not files:
-            empty.append(name)
-        paths += files
-        labels += [index] * len(files)
-    if empty:
-        raise ConfigError(
-            f"dataset imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) in"
-            f" {', '.join(os.path.join(root, e) for e in empty)}"
-        )
+    classes, paths, labels = list_folder(root)
     size = image_size or FOLDER_SIZE
     return Source(
         name=f"imagefolder:{root}",
@@ -217,19 +195,6 @@ def _folder(root: str, image_size: int, decode: bool) -> Source:
     )
 
 
-def list_images(folder: str) -> list[str]:
-    """Image files under `folder`, recursively, in a fixed (sorted) order."""
-    found = []
-    for parent, dirs, files in os.walk(folder, followlinks=True):
-        dirs.sort()
-        found += [os.path.join(parent, f) for f in sorted(files) if _is_image(f)]
-    return found
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
 def decode_image(path: str, size: int) -> Tensor:
     """One file as uint8 (3, size, size): RGB, squashed to a square by a bilinear resize."""
     from PIL import Image
@@ -242,7 +207,8 @@ def decode_image(path: str, size: int) -> Tensor:
                 rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
             array = np.asarray(rgb, dtype=np.uint8)
     except OSError as error:
-        raise ConfigError(f"dataset imagefolder: cannot read image {path!r}: {error}") from error
+        raise DataUnavailable(
+            f"dataset imagefolder: cannot read image {path!r}: {error}") from error
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
