@@ -54,7 +54,9 @@ def print_status(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline)
     workers = info["workers"]
     if workers:
         print()
-        rows = [("worker", "host", "pid", "device", "state", "trials", "last seen", "current")]
+        # `current`: the trial a running worker is on; for a stopped one, why it stopped.
+        rows = [("worker", "host", "pid", "device", "state", "trials", "last seen",
+                 "current / reason")]
         for w in workers:
             rows.append((str(w["id"]), w["host"], str(w["pid"]), w["device"], w["state"],
                          str(w["trials_done"]), f"{w['seconds_since_seen']:.0f}s ago",
