@@ -15,6 +15,9 @@ landed:
   its token before it tries again.
 - `queue_copy`: inserts a WAITING copy of a trial, unless the study already holds one (the copy
   names the trial it retries in its user attribute `retry_of`).
+- `reserve`: in a finite space, records which configuration a trial holds, unless another trial
+  holds it already: two workers that sampled the same untried configuration at once cannot both
+  train it.
 - `fail_running`: fails a stale trial and queues its copy in the same transaction: Optuna's
   `fail_stale_trials` commits the failure first and calls back for the retry afterwards, and a
   connection lost in between leaves the trial failed and never retried.
@@ -41,7 +44,7 @@ from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
 from search import budget
-from search.attrs import CLAIM, RETRY_OF
+from search.attrs import CLAIM, CONFIGURATION, RETRY_OF
 from search.storage import rdb, with_retry
 
 log = logging.getLogger(__name__)
@@ -107,6 +110,43 @@ def queue_copy(
     return with_retry("re-queue", attempt)
 
 
+def reserve(study: optuna.Study, trial: optuna.Trial, key: str) -> int | None:
+    """Record, under the study's lock, that `trial` holds the configuration `key`; or, when a
+    finished, running or waiting trial of the study holds it already, write nothing and return
+    that trial's number. Retries through an outage: a retry after a lost reply finds the mark it
+    left and writes none again."""
+    backend = rdb(study._storage)
+    if backend is None:
+        return None
+    value = json.dumps(key)
+
+    def attempt() -> int | None:
+        with backend.engine.begin() as conn:
+            _lock_study(conn, study._study_id)
+            holder = conn.execute(
+                sa.select(_TRIALS.c.number)
+                .join(_SYSTEM_ATTRS, _SYSTEM_ATTRS.c.trial_id == _TRIALS.c.trial_id)
+                .where(_TRIALS.c.study_id == study._study_id,
+                       _TRIALS.c.trial_id != trial._trial_id,
+                       _TRIALS.c.state.in_(budget.HOLDING),
+                       _SYSTEM_ATTRS.c.key == CONFIGURATION, _SYSTEM_ATTRS.c.value_json == value)
+                .limit(1)
+            ).scalar()
+            if holder is not None:
+                return int(holder)
+            mine = conn.execute(
+                sa.select(_SYSTEM_ATTRS.c.trial_id)
+                .where(_SYSTEM_ATTRS.c.trial_id == trial._trial_id,
+                       _SYSTEM_ATTRS.c.key == CONFIGURATION)
+            ).first()
+            if mine is None:
+                conn.execute(sa.insert(_SYSTEM_ATTRS).values(
+                    trial_id=trial._trial_id, key=CONFIGURATION, value_json=value))
+            return None
+
+    return with_retry("reserve configuration", attempt)
+
+
 def fail_running(
     study: optuna.Study, trial: FrozenTrial, copy_attrs: Mapping[str, Any] | None
 ) -> bool:
@@ -148,10 +188,11 @@ def _claim(
     with backend.engine.begin() as conn:
         _lock_study(conn, study_id)
         # Counted under the lock: no other ask can add a trial until this commit.
-        counts = budget.count(conn, study_id)
+        limit = budget.read_limit(conn, study_id)
+        counts = budget.count(conn, study_id, limit)
         popped = _pop_waiting(conn, study_id) if counts.waiting else None
         if popped is None:
-            if not budget.free_slots(counts, budget.read_budget(conn, study_id)):
+            if not budget.free_slots(counts, limit):
                 return None
             trial_id, number, start = _insert_trial(conn, study_id, TrialState.RUNNING)
         else:
@@ -183,14 +224,14 @@ def _lock_study(conn: sa.Connection, study_id: int) -> None:
                      .with_for_update())
 
 
-def _counts_in_memory(study: optuna.Study) -> tuple[budget.Counts, int | None]:
+def _counts_in_memory(study: optuna.Study) -> tuple[budget.Counts, budget.Limit]:
     states = [t.state for t in study.get_trials(deepcopy=False)]
     counts = budget.Counts(
         complete=states.count(TrialState.COMPLETE), pruned=states.count(TrialState.PRUNED),
         failed=states.count(TrialState.FAIL), running=states.count(TrialState.RUNNING),
         waiting=states.count(TrialState.WAITING))
-    limit = study.user_attrs.get(budget.BUDGET)
-    return counts, None if limit is None else int(limit)
+    trials = study.user_attrs.get(budget.BUDGET)
+    return counts, budget.Limit(None if trials is None else int(trials))
 
 
 def _insert_trial(

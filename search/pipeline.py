@@ -16,8 +16,8 @@ import optuna
 import sqlalchemy as sa
 from optuna.trial import FrozenTrial, TrialState
 
-from search import budget, registry
-from search.budget import BUDGET, Counts
+from search import budget, grid, registry
+from search.budget import BUDGET, SPACE_SIZE, Counts
 from search.space import Pipeline, Stage
 
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -66,6 +66,9 @@ def create(
         )
         study.set_user_attr("stage", f"{index + 1}/{len(pipeline.stages)}: {stage.name}")
         study.set_user_attr(BUDGET, stage.trials)
+        size = grid.size(stage.params)
+        if size is not None:
+            study.set_user_attr(SPACE_SIZE, size)
         study.set_user_attr("epochs", stage.epochs)
         study.set_user_attr("params", sorted(stage.params))
     return created
@@ -93,7 +96,7 @@ def counts(study: optuna.Study) -> Counts:
     return stage_state(study)[0]
 
 
-def stage_state(study: optuna.Study) -> tuple[Counts, int | None]:
+def stage_state(study: optuna.Study) -> tuple[Counts, budget.Limit]:
     """A stage's counts and budget, as the budget rules (`search.budget`) take them."""
     return budget.state(_engine(study), study._study_id)
 

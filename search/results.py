@@ -22,6 +22,7 @@ class StageStatus:
     budget: int  # as the database holds it: what the workers go by
     counts: budget_rules.Counts
     closed: bool
+    exhausted: bool  # closed early: every configuration of its finite space was trained
     best_value: float | None
     best_trial: int | None
     carried: dict[str, Any] | None  # None: not opened yet
@@ -32,12 +33,16 @@ class StageStatus:
 
     @property
     def verdict(self) -> str:
-        """One line for a stage that did not beat the configuration it started from, else ''."""
-        if self.not_beaten is None:
-            return ""
-        b = self.not_beaten
-        return (f"did not beat {b['stage']} #{b['trial']} ({b['value']:.4f}):"
-                " carries nothing new")
+        """What a reader should know about how the stage ended, in one line, or ''."""
+        said = []
+        if self.exhausted and self.counts.finished < self.budget:
+            said.append(f"closed early: all {self.counts.configurations} configurations of its"
+                        " space were trained")
+        if self.not_beaten is not None:
+            b = self.not_beaten
+            said.append(f"did not beat {b['stage']} #{b['trial']} ({b['value']:.4f}):"
+                        " carries nothing new")
+        return "; ".join(said)
 
 
 def stage_status(
@@ -62,8 +67,9 @@ def stage_status(
             else:
                 not_beaten = {"stage": earlier[0], "trial": earlier[1], "value": earlier[2]}
         out.append(StageStatus(
-            name=stage.name, budget=stage.trials if limit is None else limit, counts=counts,
-            closed=budget_rules.closed(counts, limit),
+            name=stage.name, budget=stage.trials if limit.trials is None else limit.trials,
+            counts=counts, closed=budget_rules.closed(counts, limit),
+            exhausted=budget_rules.exhausted(counts, limit),
             best_value=best.value if best else None, best_trial=best.number if best else None,
             carried=opened.carried if opened else None,
             seconds=sum((t.duration or timedelta()).total_seconds() for t in trials),

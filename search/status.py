@@ -23,7 +23,8 @@ def status_dict(
             "stage": s.name, "budget": s.budget, "complete": c.complete, "pruned": c.pruned,
             "failed": c.failed, "running": c.running, "waiting": c.waiting,
             "best_value": s.best_value, "best_trial": s.best_trial, "carried": s.carried,
-            "seconds": round(s.seconds, 1), "closed": s.closed, "not_beaten": s.not_beaten,
+            "seconds": round(s.seconds, 1), "closed": s.closed, "exhausted": s.exhausted,
+            "not_beaten": s.not_beaten,
         })
     return {
         "study": name, "metric": pipe.metric, "direction": pipe.direction, "stages": stages,

@@ -28,7 +28,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from search import algorithms, budget, objective, pipeline, registry
+from search import budget, objective, pipeline, registry, strategy
 from search.beat import Beat
 from search.claim import ask
 from search.retry import hand_back
@@ -120,15 +120,8 @@ class Worker:
             self.storage, self.study, self.pipeline, index))
         study = with_retry("load stage", lambda: pipeline.load_stage_study(
             self.storage, self.study, stage,
-            # Optuna's TPE and median pruner, with reads that stay cheap as the study grows.
-            sampler=algorithms.TPESampler(
-                n_startup_trials=stage.sampler.startup_trials, multivariate=True, group=True,
-                constant_liar=True, seed=self.worker_id * 1_000 + index,
-            ),
-            pruner=algorithms.MedianPruner(
-                n_startup_trials=stage.pruner.startup_trials,
-                n_warmup_steps=stage.pruner.warmup_epochs,
-            ),
+            sampler=strategy.make_sampler(stage, seed=self.worker_id * 1_000 + index),
+            pruner=strategy.make_pruner(stage),
         ))
         ctx = objective.TrialContext(
             study=self.study, pipeline=self.pipeline, stage=stage, carried=opened.carried,
@@ -141,13 +134,16 @@ class Worker:
             if trial is None:
                 counts, limit = with_retry("count trials", lambda: pipeline.stage_state(study))
                 if budget.closed(counts, limit):
+                    if budget.exhausted(counts, limit) and counts.finished < stage.trials:
+                        log.info("stage %s: all %d configurations of its space are trained;"
+                                 " closed early", stage.name, counts.configurations)
                     return True
                 if not idle:
                     # A slot is held by a trial running elsewhere, perhaps one whose worker died:
                     # the reaper (in our beat thread too) fails it and queues its retry, which
                     # this loop then takes.
                     log.info("stage %s: every slot of %s is held (%d running); waiting for one",
-                             stage.name, limit, counts.running)
+                             stage.name, limit.trials, counts.running)
                     beat.note(current=f"{stage.name}: waiting for a slot")
                     idle = True
                 self.stop.wait(POLL_SECONDS)
@@ -157,6 +153,8 @@ class Worker:
             if outcome == "no data":
                 self.exit_code, self.reason = EXIT_NO_DATA, f"cannot read the data: {self.error}"
                 return False
+            if outcome == "duplicate":
+                continue  # not the configuration's fault, nor a reason to stop
             if outcome == "error":
                 errors += 1
                 if errors >= ERROR_LIMIT:
@@ -186,7 +184,7 @@ class Worker:
                         " is queued", ctx.stage.name, trial.number)
         finally:
             beat.watch(None)
-        if outcome not in ("interrupted", "taken over", "no data"):
+        if outcome not in ("interrupted", "taken over", "no data", "duplicate"):
             # Only a handed-back or re-queued trial resumes; others' optimizer state is dead weight.
             (objective.checkpoint_dir(ctx, trial) / objective.LAST_CHECKPOINT).unlink(
                 missing_ok=True)
@@ -206,6 +204,10 @@ class Worker:
         except optuna.TrialPruned:
             outcome = "pruned"
             self._tell(study, trial, TrialState.PRUNED)
+        except objective.Duplicate as e:
+            # Failed, so it gives its slot back; the next trial samples knowing the holder.
+            outcome = "duplicate"
+            self._tell(study, trial, TrialState.FAIL, fail_reason="duplicate", error=str(e))
         except (OutOfMemory, Diverged) as e:
             outcome = "oom" if isinstance(e, OutOfMemory) else "diverged"
             self._tell(study, trial, TrialState.PRUNED, fail_reason=outcome, error=str(e))
