@@ -45,6 +45,8 @@ class Source:
     images: Tensor | None  # uint8 (N, C, S, S) on the CPU, or None when streamed from `paths`
     paths: list[str] | None  # one file per image, for image folders
     official_test: int  # the last `official_test` images are the dataset's own test set
+    # Images with equal group ids always land in the same split (copies of one original).
+    groups: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -62,6 +64,8 @@ def read_source(cfg: TrainConfig, decode: bool = True) -> Source:
         source = _cifar(cfg.dataset, cfg.data_root, cfg.download)
     elif cfg.dataset == "synthetic":
         source = _synthetic(cfg.image_size or SYNTHETIC_SIZE)
+    elif cfg.dataset in ("digits-hard", "synthetic-hard"):
+        source = _hard(cfg.dataset)
     elif cfg.dataset.startswith("imagefolder:"):
         return _folder(cfg.dataset.removeprefix("imagefolder:"), cfg.image_size, decode)
     else:
@@ -141,6 +145,21 @@ def _cifar(name: str, root: str, download: bool) -> Source:
         paths=None,
         official_test=len(test.targets),
     )
+
+
+def _hard(name: str) -> Source:
+    from trainer import hard_tasks
+
+    groups = None
+    if name == "digits-hard":
+        images, labels, groups = hard_tasks.digits_hard()
+        classes, channels, flip = [str(c) for c in range(10)], 1, False
+    else:
+        images, labels = hard_tasks.synthetic_hard()
+        classes, channels, flip = [f"class{c}" for c in range(10)], 3, False
+    return Source(name=name, classes=classes, in_channels=channels,
+                  image_size=hard_tasks.HARD_SIZE, flip_safe=flip, labels=labels, images=images,
+                  paths=None, official_test=0, groups=groups)
 
 
 def _synthetic(size: int) -> Source:
@@ -231,9 +250,16 @@ def split_indices(
     val_fraction: float,
     test_fraction: float,
     official_test: int = 0,
+    groups: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Sorted train/val/test indices: test carved first (or the trailing official test images),
-    then val from the rest; stratified by label where every class allows it."""
+    then val from the rest; stratified by label where every class allows it. With `groups`,
+    whole groups are carved (every image of a group in one split)."""
+    if groups is not None:
+        ids, first = np.unique(groups, return_index=True)
+        parts = split_indices(labels[first], split_seed=split_seed, val_fraction=val_fraction,
+                              test_fraction=test_fraction)
+        return {name: np.flatnonzero(np.isin(groups, ids[part])) for name, part in parts.items()}
     everything = np.arange(len(labels))
     if official_test:
         pool, test = everything[:-official_test], everything[-official_test:]

@@ -13,7 +13,8 @@ from trainer.errors import DataUnavailable
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FOLDER_SIZE = 64  # pixels per side of image-folder images when cfg.image_size is 0
 SYNTHETIC_SIZE = 32
-NATIVE_SIZE = {"digits": 8, "cifar10": 32, "cifar100": 32, "synthetic": SYNTHETIC_SIZE}
+NATIVE_SIZE = {"digits": 8, "cifar10": 32, "cifar100": 32, "synthetic": SYNTHETIC_SIZE,
+               "digits-hard": 16, "synthetic-hard": 16}
 # torchvision's file names: what CIFAR10/CIFAR100(download=False) look for.
 CIFAR_FILES = {
     "cifar10": ("cifar-10-batches-py",
