@@ -95,3 +95,32 @@ def test_a_stage_that_does_not_beat_the_carried_configuration_says_so(
     assert "did not beat optimizer" in (tmp_path / "r.html").read_text()
     best = json.loads(hpo("best", "v", "--json", url=pg_url, cwd=tmp_path).stdout)
     assert best["stage"] == "optimizer"  # the winner stays the earlier trial
+
+
+def test_a_configuration_that_kills_its_worker_twice_is_failed_for_good(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The first configuration SIGKILLs every worker that trains it. Its first death is retried
+    (the slot passes to the retry); the retry's death is not, and the slot is free again: a
+    healthy worker fills the stage with exactly its budget instead of stalling on it."""
+    space = write_space(tmp_path / "p.toml", TWO_STAGES.format(trials1=3, trials2=1))
+    assert hpo("create", "--space", str(space), "--study", "p", url=pg_url,
+               cwd=tmp_path).returncode == 0
+    storage = open_storage(pg_url)
+    study = pipeline.load_stage_study(storage, "p", pipeline.load(storage, "p").stages[0])
+    # The first worker dies on it; the second trains other trials until only the dead trial's
+    # slot is left, takes its retry when the reaper queues it, and dies on that.
+    for attempt in range(2):
+        doomed = start_stub_worker("p", url=pg_url, cwd=tmp_path,
+                                   log=tmp_path / f"doomed{attempt}.log", STUB_KILL_ROOT="0")
+        assert doomed.wait(timeout=600) == -9, (tmp_path / f"doomed{attempt}.log").read_text()
+    healthy = start_stub_worker("p", url=pg_url, cwd=tmp_path, log=tmp_path / "healthy.log")
+    assert healthy.wait(timeout=600) == 0, (tmp_path / "healthy.log").read_text()[-2000:]
+
+    trials = study.get_trials()
+    poisoned = [t for t in trials if t.number == 0 or t.user_attrs.get("root") == 0]
+    assert [t.state for t in poisoned] == [TrialState.FAIL] * 2  # the first attempt, one retry
+    assert poisoned[1].user_attrs["retry_of"] == 0 and poisoned[1].params == poisoned[0].params
+    assert not any(t.user_attrs.get("retry_of") == poisoned[1].number for t in trials)
+    assert sorted(t.state.name for t in trials if t not in poisoned) == ["COMPLETE"] * 3
+    assert "killed its worker again; failed for good" in (tmp_path / "healthy.log").read_text()
