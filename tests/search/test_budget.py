@@ -34,14 +34,19 @@ TWO_STAGES = """
 
 
 @pytest.mark.parametrize(("counts", "limit", "closed", "free", "retry"), [
-    (budget.Counts(complete=3, pruned=1), 4, True, 0, False),
-    (budget.Counts(complete=2, running=2), 4, False, 0, True),  # every slot held: wait
-    (budget.Counts(complete=1, failed=5, running=1, waiting=1), 4, False, 1, True),  # fails free
-    (budget.Counts(complete=5), 4, True, 0, False),  # overshot before slots: no retry
-    (budget.Counts(complete=9), None, False, 1, True),  # a study without a budget
+    (budget.Counts(complete=3, pruned=1), budget.Limit(4), True, 0, False),
+    (budget.Counts(complete=2, running=2), budget.Limit(4), False, 0, True),  # all held: wait
+    (budget.Counts(complete=1, failed=5, running=1, waiting=1), budget.Limit(4), False, 1, True),
+    (budget.Counts(complete=5), budget.Limit(4), True, 0, False),  # overshot before slots
+    (budget.Counts(complete=9), budget.Limit(None), False, 1, True),  # a study without a budget
+    # A finite space of 3 configurations in a budget of 8: held ones block new trials, and the
+    # stage closes once all 3 are trained, with budget left.
+    (budget.Counts(complete=2, running=1, configurations=3), budget.Limit(8, 3), False, 0, True),
+    (budget.Counts(complete=3, failed=1, configurations=3), budget.Limit(8, 3), True, 0, False),
+    (budget.Counts(complete=1, configurations=1), budget.Limit(8, 3), False, 2, True),
 ])
 def test_the_rules(
-    counts: budget.Counts, limit: int | None, closed: bool, free: int, retry: bool
+    counts: budget.Counts, limit: budget.Limit, closed: bool, free: int, retry: bool
 ) -> None:
     assert budget.closed(counts, limit) is closed
     assert budget.free_slots(counts, limit) == free
