@@ -7,16 +7,20 @@ from typing import Any
 
 import optuna
 
-from search import registry
+from search import snapshot
 from search.results import stage_status
 from search.space import Pipeline
 
 
 def status_dict(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> dict[str, Any]:
     stages = []
-    for s in stage_status(storage, name, pipe):
+    snap = snapshot.read(storage, name, pipe)
+    for s, view in zip(stage_status(storage, name, pipe), snap.stages, strict=True):
         c = s.counts
         stages.append({
+            # Why trials did not complete, and hand-backs apart from failures (search/snapshot.py).
+            "outcomes": dict(view.reasons), "handed_back": view.handed_back,
+            "epochs_saved": view.epochs_saved, "why": snapshot.reasons_line(view),
             "stage": s.name, "budget": s.budget, "complete": c.complete, "pruned": c.pruned,
             "failed": c.failed, "running": c.running, "waiting": c.waiting,
             "best_value": s.best_value, "best_trial": s.best_trial, "carried": s.carried,
@@ -25,10 +29,17 @@ def status_dict(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) 
     return {
         "study": name, "metric": pipe.metric, "direction": pipe.direction, "stages": stages,
         "workers": [
-            {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in w.items()}
-            for w in registry.list_workers(storage.engine, name)
+            {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in w.items()
+             if k != "trial"} | _current(w) for w in snap.workers
         ],
     }
+
+
+def _current(w: dict[str, Any]) -> dict[str, Any]:
+    """The worker's trial and epoch as its trial records them: fresher than its row, which its
+    heartbeat refreshes every few seconds."""
+    t = w.get("trial")
+    return {"current": f"{t.stage}#{t.number}", "epoch": t.epoch} if t else {"current": ""}
 
 
 def print_status(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> None:
@@ -39,12 +50,15 @@ def print_status(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline)
     for s in info["stages"]:
         best = "-" if s["best_value"] is None else f"{s['best_value']:.4f} (#{s['best_trial']})"
         rows.append((s["stage"], str(s["budget"]), str(s["complete"]), str(s["pruned"]),
-                     str(s["failed"]), str(s["running"] + s["waiting"]), best,
+                     str(s["failed"] - s["handed_back"]), str(s["running"] + s["waiting"]), best,
                      _duration(s["seconds"])))
     _table(rows)
     for s in info["stages"]:
         if s["carried"]:
             print(f"  {s['stage']} carries: {json.dumps(s['carried'], sort_keys=True)}")
+    for s in info["stages"]:
+        if s["why"]:
+            print(f"  {s['stage']}: {s['why']}")
     workers = info["workers"]
     if workers:
         print()
@@ -52,7 +66,8 @@ def print_status(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline)
         for w in workers:
             rows.append((str(w["id"]), w["host"], str(w["pid"]), w["device"], w["state"],
                          str(w["trials_done"]), f"{w['seconds_since_seen']:.0f}s ago",
-                         w["current"] or "-"))
+                         (f"{w['current']} epoch {w['epoch']}" if "epoch" in w
+                          else w["current"] or "-")))
         _table(rows)
 
 
