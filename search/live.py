@@ -169,9 +169,13 @@ def render(snap: Snapshot, elapsed: float, log_path: Path | None, note: str = ""
     workers = Table.grid(padding=(0, 2))
     for w in snap.workers:
         trial = w.get("trial")
-        doing = (f"{trial.stage} #{trial.number} epoch {trial.epoch}/{trial.epochs}" if trial
+        # The epoch in training, one past those reported.
+        doing = (f"{trial.stage} #{trial.number} epoch {min(trial.epoch + 1, trial.epochs)}"
+                 f"/{trial.epochs}" if trial
                  else ("idle" if snapshot.is_live(w) else w["state"]))
-        workers.add_row(f"worker {w['id']}", w["device"], doing, f"{w['trials_done']} trials")
+        n = w["trials_done"]
+        workers.add_row(f"worker {w['id']}", w["device"], doing,
+                        f"{n} trial{'' if n == 1 else 's'} done")
     if snap.workers:
         parts.append(workers)
     if note:
