@@ -276,3 +276,47 @@ def test_delete_waits_for_live_workers_then_removes_everything(
     assert not (cwd / "artifacts" / "busy").exists()
     assert sorted(p.name for p in store.iterdir()) == kept  # study m's checkpoints stay
     assert (cwd / "artifacts" / "m").is_dir() and pipeline.load(storage, "m")
+
+
+def test_status_says_why_trials_did_not_complete(done: tuple[str, str, Path]) -> None:
+    """Trials as the worker records each outcome (search/worker.py), written through Optuna."""
+    url, _, cwd = done
+    space = tiny_space(cwd / "why.toml", trials1=8, trials2=2)
+    assert hpo("create", "--space", str(space), "--study", "why", url=url,
+               cwd=cwd).returncode == 0
+    storage = open_storage(url)
+    study = pipeline.load_stage_study(storage, "why", pipeline.load(storage, "why").stages[0])
+    dist = {"lr": optuna.distributions.FloatDistribution(0.02, 0.4, log=True)}
+
+    def add(state: TrialState, steps: int, **attrs: Any) -> None:
+        study.add_trial(optuna.trial.create_trial(
+            state=state, params={"lr": 0.1}, distributions=dist, user_attrs=attrs,
+            value=0.5 if state == TrialState.COMPLETE else None,
+            intermediate_values={s: 0.1 for s in range(1, steps + 1)}))
+
+    add(TrialState.COMPLETE, 2)
+    add(TrialState.PRUNED, 1)  # the median pruner: no reason recorded
+    add(TrialState.PRUNED, 1, fail_reason="oom", error="CUDA out of memory")
+    add(TrialState.FAIL, 1, fail_reason="error", error="ValueError: boom")
+    add(TrialState.FAIL, 1, fail_reason="interrupted", error="interrupted at epoch 1")
+    add(TrialState.FAIL, 0)  # failed by a reaper: its worker stopped beating
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params={"lr": 0.1}, distributions=dist,
+        user_attrs={"retry_of": 4, "root": 4, "crashes": 0}))
+
+    out = hpo("status", "why", url=url, cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    row = next(line.split() for line in out.stdout.splitlines() if line.startswith("optimizer"))
+    assert row[2:6] == ["1", "2", "2", "1"]  # complete, pruned, failed (not the hand-back), queued
+    why = next(line for line in out.stdout.splitlines() if line.startswith("  optimizer:"))
+    assert "pruned 2 (median pruner 1, out of memory 1; 2 epochs saved)" in why
+    assert "failed 2 (worker lost 1; error: ValueError: boom)" in why
+    assert "handed back 1 (resumed as #6)" in why
+    table = json.loads(hpo("status", "why", "--json", url=url, cwd=cwd).stdout)
+    assert table["stages"][0]["outcomes"] == {
+        "complete": 1, "median pruner": 1, "out of memory": 1, "error": 1, "handed back": 1,
+        "worker lost": 1}
+
+    watch = _refused("status", "m", "--watch", url=url, cwd=cwd)  # a done study: it returns
+    assert watch.returncode == 0, watch.stderr
+    assert "m: finished" in watch.stdout and "\x1b" not in watch.stdout
