@@ -28,7 +28,10 @@ def plural(n: int, word: str) -> str:
 
 
 def _value(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else repr(v)
+    if not isinstance(v, float):
+        return repr(v)
+    text = f"{v:.4g}"
+    return text if any(c in text for c in ".en") else f"{text}.0"  # 1.0 stays a float
 
 
 def best_lines(info: dict[str, Any], pipe: Pipeline, *, every_field: bool = False) -> list[str]:
