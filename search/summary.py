@@ -70,15 +70,21 @@ def run_summary(
     width = max(len(s.name) for s in snap.stages)
     for s in snap.stages:
         best = "best -" if s.best_value is None else f"best {s.best_value:.4f} #{s.best_trial}"
-        counts = ", ".join(f"{k} {n}" for k, n in sorted(
-            s.reasons.items(), key=lambda kv: kv[0] != "complete"))
-        lines.append(f"  {s.name.ljust(width)}  {s.finished}/{s.budget}  {best}  {counts};"
-                     f" {plural(s.epochs_saved, 'epoch')} saved by pruning")
+        counts = [f"{k} {n}" for k, n in sorted(s.reasons.items(),
+                                                   key=lambda kv: kv[0] != "complete")]
+        if s.epochs_saved:
+            counts.append(f"{plural(s.epochs_saved, 'epoch')} saved by pruning")
+        lines.append(f"  {s.name.ljust(width)}  {s.finished}/{s.budget}  {best}"
+                     f"  {', '.join(counts) or 'no trial yet'}")
     if info is not None:
         lines += best_lines(info, pipe)
     if log_path is not None:
         lines.append(f"log:    {log_path}")
-    lines.append(f"report: hpo report {study} --out {study}.html")
-    lines.append(f"export: hpo export {study} --out {study}-best/")
-    lines.append(f"every field of the winner: hpo best {study} --all")
+    if not snap.done:
+        lines.append("resume: the same command again (handed-back trials resume from their last"
+                     " epoch)")
+    if info is not None:
+        lines.append(f"report: hpo report {study} --out {study}.html")
+        lines.append(f"export: hpo export {study} --out {study}-best/")
+        lines.append(f"every field of the winner: hpo best {study} --all")
     return lines
