@@ -6,11 +6,13 @@ plain postgresql:// URL, with checkpoint artifacts that download as application/
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,12 @@ import sqlalchemy as sa
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from search import pipeline, registry
+from search import cli, pipeline, registry
 from search.retry import BUDGET
 from search.storage import open_storage
 from tests.helpers import (
     ADMIN_URL,
+    ROOT,
     create_database,
     database_url,
     drop_database,
@@ -35,6 +38,7 @@ from tests.helpers import (
     tiny_space,
 )
 from tests.search.test_dashboard_api import _free_port
+from tests.search.test_live_view import _tmux
 
 TIMEOUT = 120  # generous: only limits how long a failure takes
 
@@ -77,6 +81,17 @@ def _refused(*args: str, url: str, cwd: Path) -> subprocess.CompletedProcess[str
     return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd,
                           env=hpo_env(url), capture_output=True, text=True, timeout=TIMEOUT,
                           stdin=subprocess.DEVNULL)
+
+
+def _cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, url: str,
+         *args: str) -> tuple[int, str, str]:
+    """`hpo ARGS` through the CLI's own entry point in this process: the same parsing, checks
+    and exit status, without a Python start per command (stdin is pytest's, not a terminal)."""
+    monkeypatch.setenv("HPO_STORAGE", url)
+    capsys.readouterr()
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def _get(url: str) -> tuple[bytes, Any]:
@@ -184,14 +199,22 @@ REFUSED = {
 }
 
 
-def test_refusals_say_why_and_change_nothing(done: tuple[str, str, Path]) -> None:
+def test_refusals_say_why_and_change_nothing(
+    done: tuple[str, str, Path], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     url, _, cwd = done
+    monkeypatch.chdir(cwd)
     before = _state(url)
     for what, (args, message) in REFUSED.items():
-        out = _refused(*args, url=url, cwd=cwd)
-        assert out.returncode == 2, (what, out.stdout, out.stderr)
-        assert message in out.stderr and "Traceback" not in out.stderr, (what, out.stderr)
-        assert len(out.stderr.strip().splitlines()) == 1, (what, out.stderr)
+        code, out, err = _cli(capsys, monkeypatch, url, *args)
+        assert code == 2, (what, out, err)
+        assert message in err and "Traceback" not in err, (what, err)
+        assert len(err.strip().splitlines()) == 1, (what, err)
+    assert _state(url) == before
+    # The same refusal from a real process, whose stdin is no terminal either.
+    out = _refused("delete", "m", url=url, cwd=cwd)
+    assert out.returncode == 2 and "confirm with --yes" in out.stderr, out.stderr
     assert _state(url) == before
     assert (cwd / "artifacts" / "m").is_dir()
 
@@ -320,3 +343,46 @@ def test_status_says_why_trials_did_not_complete(done: tuple[str, str, Path]) ->
     watch = _refused("status", "m", "--watch", url=url, cwd=cwd)  # a done study: it returns
     assert watch.returncode == 0, watch.stderr
     assert "m: finished" in watch.stdout and "\x1b" not in watch.stdout
+
+
+def test_delete_asks_on_a_terminal(done: tuple[str, str, Path]) -> None:
+    """Under a real terminal (tmux) `hpo delete` asks; "n" keeps the study, "y" removes it."""
+    url, _, cwd = done
+    tmux = _tmux()
+    space = tiny_space(cwd / "ask.toml")
+    assert hpo("create", "--space", str(space), "--study", "ask", url=url,
+               cwd=cwd).returncode == 0
+    storage = open_storage(url)
+    sock = f"hpo-ask-{uuid.uuid4().hex[:8]}"
+    env = hpo_env(url)
+    for answer, kept in (("n", True), ("y", False)):
+        done_file = cwd / f"asked-{answer}"
+        script = cwd / "ask.sh"
+        script.write_text(
+            "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()
+                    if k.startswith(("HPO_", "PYTHON", "PATH", "HOME", "LANG")))
+            + f"cd {shlex.quote(str(ROOT))}\n{shlex.quote(sys.executable)} -m search.cli delete"
+            f" ask --artifacts {cwd / 'artifacts'}; echo $? > {done_file}; sleep 300\n")
+        subprocess.run([tmux, "-L", sock, "new-session", "-d", "-s", answer, "-x", "200",
+                        f"bash {script}"], check=True)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while "[y/N]" not in _pane(tmux, sock, answer):
+                assert time.monotonic() < deadline, _pane(tmux, sock, answer)
+                time.sleep(0.2)
+            assert "study 'ask': 2 stage studies" in _pane(tmux, sock, answer)
+            subprocess.run([tmux, "-L", sock, "send-keys", "-t", answer, answer, "Enter"],
+                           check=True)
+            while not done_file.exists():
+                assert time.monotonic() < deadline, _pane(tmux, sock, answer)
+                time.sleep(0.2)
+        finally:
+            subprocess.run([tmux, "-L", sock, "kill-session", "-t", answer], check=False)
+        assert done_file.read_text().strip() == ("1" if kept else "0")
+        assert (registry.get_pipeline_row(storage.engine, "ask") is not None) == kept
+    subprocess.run([tmux, "-L", sock, "kill-server"], check=False)
+
+
+def _pane(tmux: str, sock: str, target: str) -> str:
+    return subprocess.run([tmux, "-L", sock, "capture-pane", "-p", "-t", target],
+                          capture_output=True, text=True, check=True).stdout
