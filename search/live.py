@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO
 
 import optuna
+from optuna.trial import TrialState
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.progress_bar import ProgressBar
@@ -124,7 +125,8 @@ def plain_line(snap: Snapshot, key: tuple[str, int], elapsed: float) -> str:
     t = snap.trials[key]
     stage = next(s for s in snap.stages if s.name == stage_name)
     epoch = max(t.intermediate_values, default=0)
-    what = _what(snapshot.outcome(t), t.value, snap.metric, f"epoch {epoch}/{stage.epochs}")
+    what = _what(snapshot.outcome(t, stage.pruner), t.state == TrialState.PRUNED, t.value,
+                 snap.metric, f"epoch {epoch}/{stage.epochs}")
     took = f" in {t.duration.total_seconds():.0f}s" if t.duration else ""
     best = snap.best
     best_text = f"best {best[2]:.4f} ({best[0]} #{best[1]})" if best else "no best yet"
@@ -132,13 +134,12 @@ def plain_line(snap: Snapshot, key: tuple[str, int], elapsed: float) -> str:
             f" {stage.finished}/{stage.budget} | {best_text} | ETA {_eta(snap)}")
 
 
-def _what(kind: str, value: float | None, metric: str, at: str) -> str:
+def _what(kind: str, pruned: bool, value: float | None, metric: str, at: str) -> str:
     if kind == "complete":
         return f"complete, {metric} {value:.4f}" if value is not None else "complete"
     if kind == snapshot.HANDED_BACK:
         return f"handed back at {at}"
-    failed = kind in (snapshot.LOST, "error")
-    return f"{'failed' if failed else 'pruned'} ({kind}) at {at}"
+    return f"{'pruned' if pruned else 'failed'} ({kind}) at {at}"
 
 
 def _eta(snap: Snapshot) -> str:

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
 
 from search import pipeline, registry, snapshot
+from search.budget import BUDGET
 from search.params import (
     CategoricalParam,
     FloatParam,
@@ -29,7 +30,6 @@ from search.params import (
     field_value,
     show,
 )
-from search.retry import BUDGET
 from search.space import Pipeline, Stage, base_config
 from search.storage import GRACE_SECONDS
 

@@ -17,9 +17,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import pipeline, registry
-from search.retry import BUDGET, RETRY_OF
-from search.space import Pipeline
+from search import budget, pipeline, registry
+from search.attrs import RETRY_OF
+from search.space import Pipeline, Stage
 from search.storage import GRACE_SECONDS
 
 # What a finished trial's outcome is called, from its state and the worker's `fail_reason`.
@@ -27,7 +27,7 @@ PRUNED_REASONS = {"oom": "out of memory", "diverged": "diverged"}
 FAILED_REASONS = {"error": "error", "interrupted": "handed back"}
 HANDED_BACK = "handed back"
 LOST = "worker lost"  # failed by a reaper: its worker stopped beating
-MEDIAN = "median pruner"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 ENQUEUED = "enqueued_by"  # trial user attr: who queued this configuration (`hpo enqueue`)
 
 
@@ -46,6 +46,7 @@ class StageView:
     budget: int
     epochs: int
     opened: bool
+    pruner: str = "median"  # the stage's pruner type, which stops trials without a reason
     complete: int = 0
     pruned: int = 0
     failed: int = 0  # errors and lost workers; a hand-back is not a failure
@@ -55,12 +56,15 @@ class StageView:
     best_value: float | None = None
     best_trial: int | None = None
     reasons: Counter[str] = field(default_factory=Counter)  # outcome -> trials
+    pruned_why: Counter[str] = field(default_factory=Counter)  # of the pruned trials
+    failed_why: Counter[str] = field(default_factory=Counter)  # of the failed ones
     errors: Counter[str] = field(default_factory=Counter)  # error message -> trials
     epochs_saved: int = 0  # epochs the pruned trials did not train
     durations: list[float] = field(default_factory=list)  # of complete and pruned trials
     retried_as: dict[int, int] = field(default_factory=dict)  # trial -> the retry queued for it
     handed_back_trials: list[int] = field(default_factory=list)
     enqueued: int = 0  # configurations queued by `hpo enqueue`
+    done: bool = False  # closed by the budget rules (`search.budget`), and nothing left running
 
     @property
     def finished(self) -> int:
@@ -68,7 +72,7 @@ class StageView:
 
     @property
     def closed(self) -> bool:
-        return self.finished >= self.budget and self.running == 0 and self.waiting == 0
+        return self.done and self.running == 0 and self.waiting == 0
 
 
 @dataclass
@@ -122,14 +126,18 @@ def is_live(worker: dict[str, Any]) -> bool:
     return worker["state"] == "running" and worker["seconds_since_seen"] <= GRACE_SECONDS
 
 
-def outcome(trial: FrozenTrial) -> str:
+def outcome(trial: FrozenTrial, pruner: str = "median") -> str:
+    """What happened to a trial, in words; `pruner` names the stage's pruner (a trial pruned
+    without a reason of the worker's was stopped by it)."""
     reason = trial.user_attrs.get("fail_reason")
     if trial.state == TrialState.COMPLETE:
         return "complete"
     if trial.state == TrialState.PRUNED:
-        return PRUNED_REASONS.get(reason, MEDIAN)
+        return PRUNED_REASONS.get(reason, reason or f"{pruner.replace('_', ' ')} pruner")
     if trial.state == TrialState.FAIL:
-        return FAILED_REASONS.get(reason, LOST)
+        # No reason: a reaper failed it (its worker stopped beating); others say theirs
+        # ("duplicate", "no data", ...).
+        return FAILED_REASONS.get(reason, reason or LOST)
     return trial.state.name.lower()
 
 
@@ -139,18 +147,19 @@ def read(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> Snap
     by_key: dict[tuple[str, int], FrozenTrial] = {}
     for stage in pipe.stages:
         study = pipeline.load_stage_study(storage, name, stage)
+        counts, limit = pipeline.stage_state(study)
         view = StageView(
-            name=stage.name, budget=int(study.user_attrs.get(BUDGET, stage.trials)),
-            epochs=stage.epochs,
+            name=stage.name, budget=stage.trials if limit.trials is None else limit.trials,
+            epochs=stage.epochs, done=budget.closed(counts, limit), pruner=stage.pruner.type,
             opened=registry.get_stage(storage.engine, name, stage.name) is not None,
         )
         trials = study.get_trials(deepcopy=False)
         for t in trials:
             by_key[(stage.name, t.number)] = t
-            _count(view, t, stage.epochs, pipe.direction)
+            _count(view, t, stage, pipe.direction)
             if t.datetime_start is not None:
                 starts.append(t.datetime_start)
-            if t.state in pipeline.FINISHED:
+            if t.state in FINISHED:
                 finished.add((stage.name, t.number))
             if t.state == TrialState.RUNNING:
                 running.append(Running(
@@ -175,8 +184,8 @@ def read(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> Snap
     )
 
 
-def _count(view: StageView, t: FrozenTrial, epochs: int, direction: str) -> None:
-    kind = outcome(t)
+def _count(view: StageView, t: FrozenTrial, stage: Stage, direction: str) -> None:
+    kind, epochs = outcome(t, stage.pruner.type), stage.epochs
     if t.user_attrs.get(ENQUEUED):
         view.enqueued += 1
     if t.state == TrialState.RUNNING:
@@ -194,15 +203,17 @@ def _count(view: StageView, t: FrozenTrial, epochs: int, direction: str) -> None
             view.best_value, view.best_trial = t.value, t.number
     elif t.state == TrialState.PRUNED:
         view.pruned += 1
+        view.pruned_why[kind] += 1
         view.epochs_saved += max(0, epochs - max(t.intermediate_values, default=0))
     elif kind == HANDED_BACK:
         view.handed_back += 1
         view.handed_back_trials.append(t.number)
     else:
         view.failed += 1
+        view.failed_why[kind] += 1
         if kind == "error":
             view.errors[str(t.user_attrs.get("error", "?"))[:100]] += 1
-    if t.state in pipeline.FINISHED and t.duration is not None:
+    if t.state in FINISHED and t.duration is not None:
         view.durations.append(t.duration.total_seconds())
 
 
@@ -211,11 +222,10 @@ def reasons_line(s: StageView) -> str:
     failed 1 (error: ValueError: ...); handed back 1 (resumed as #7)'. Empty when all did."""
     parts = []
     if s.pruned:
-        why = ", ".join(f"{k} {n}" for k, n in sorted(s.reasons.items())
-                        if k in (MEDIAN, *PRUNED_REASONS.values()))
+        why = ", ".join(f"{k} {n}" for k, n in sorted(s.pruned_why.items()))
         parts.append(f"pruned {s.pruned} ({why}; {s.epochs_saved} epochs saved)")
     if s.failed:
-        why = [f"{LOST} {s.reasons[LOST]}"] if s.reasons[LOST] else []
+        why = [f"{k} {n}" for k, n in sorted(s.failed_why.items()) if k != "error"]
         why += [f"error: {msg}" + (f" x{n}" if n > 1 else "") for msg, n in s.errors.items()]
         parts.append(f"failed {s.failed} ({'; '.join(why)})")
     if s.handed_back:

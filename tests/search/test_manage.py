@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from search import cli, pipeline, registry
-from search.retry import BUDGET
+from search.budget import BUDGET
 from search.storage import open_storage
 from tests.helpers import (
     ADMIN_URL,
