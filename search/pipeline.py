@@ -57,6 +57,8 @@ def create(
                 f"study {name!r} already exists, created from {existing['source']} with a"
                 f" different definition than {source}; choose another --study name"
             )
+        # The stored definition, which `hpo extend` may have given larger budgets.
+        pipeline = Pipeline.from_json(existing["spec"])
     # Create (or find, after an interrupted create) every stage study, so the dashboard shows the
     # whole pipeline from the start.
     for index, stage in enumerate(pipeline.stages):
