@@ -11,7 +11,7 @@ from types import FrameType
 
 
 def run_local(
-    url: str, study: str, *, workers: int, device: str, artifacts: Path, threads: int,
+    url: str, study: str, *, workers: int, device: str, artifacts: str | Path, threads: int,
     fault: str = "",
 ) -> int:
     """Run `workers` worker processes to the end; 0 when all exited 0. Ctrl-C or SIGTERM is
