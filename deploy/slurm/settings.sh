@@ -36,7 +36,11 @@ export HPO_DB_NAME="${HPO_DB_NAME:-hpo}" HPO_DB_USER="${HPO_DB_USER:-hpo}"
 export HPO_DB_PASSWORD_FILE="${HPO_DB_PASSWORD_FILE:-$PWD/docker/secrets/db_password}"
 export HPO_SPACES_DIR="${HPO_SPACES_DIR:-./spaces}" HPO_DATA_DIR="${HPO_DATA_DIR:-./data}"
 export HPO_ARTIFACTS="${HPO_ARTIFACTS:-$PWD/hpo-artifacts}"
-export HPO_DEVICE="${HPO_DEVICE:-cuda:0}" HPO_THREADS="${HPO_THREADS:-4}"
+export HPO_DEVICE="${HPO_DEVICE:-cuda:free}" HPO_THREADS="${HPO_THREADS:-4}"
+# cuda:free (.env's value) claims the lowest GPU index that no other worker sharing this lock
+# folder holds. Slurm shows each task only its own GPUs (CUDA_VISIBLE_DEVICES), all starting at
+# index 0, so each job (an array task is one) gets a lock folder of its own.
+export HPO_GPU_LOCK_DIR="${HPO_GPU_LOCK_DIR:-${TMPDIR:-/tmp}/hpo-gpu-locks-${SLURM_JOB_ID:-$$}}"
 HPO_VENV="${HPO_VENV:-$HPO_REPO/.venv}"
 # Output reaches the job's log file as it happens, not when a buffer fills.
 export PYTHONUNBUFFERED=1
