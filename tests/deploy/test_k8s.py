@@ -30,7 +30,7 @@ from tests.deploy.test_compose_static import _grace_seconds, password_literals
 
 K8S = ROOT / "deploy" / "k8s"
 SLURM = ROOT / "deploy" / "slurm"
-OVERLAYS = ("base", "gpu")
+OVERLAYS = ("base", "gpu", "s3")
 # What may differ between compose's worker and a Kubernetes worker pod, and why: a pod is given one
 # GPU, always cuda:0 (compose shares a host's GPUs and claims one with cuda:free); the database is
 # the cluster's Service.
@@ -52,8 +52,9 @@ def _kubectl() -> str:
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
     """`kubectl kustomize` of each kustomization, on a copy holding a stand-in password file."""
     copy = tmp_path_factory.mktemp("k8s") / "k8s"
-    shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("db_password"))
+    shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("db_password", "aws_credentials"))
     (copy / "base" / "db_password").write_text("stand-in\n")
+    (copy / "s3" / "aws_credentials").write_text("[default]\n")
     out = {}
     for name in OVERLAYS:
         run = subprocess.run([_kubectl(), "kustomize", str(copy / name)], capture_output=True,
@@ -124,7 +125,7 @@ def _compose_worker() -> tuple[list[str], dict[str, str], set[str]]:
     return svc["command"], environment(svc), set(volume_targets(svc)) | secret_paths(svc)
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ["base", "gpu"])
 def test_the_worker_pods_run_what_the_compose_worker_runs(
     rendered: dict[str, list[dict[str, Any]]], overlay: str
 ) -> None:
@@ -162,6 +163,30 @@ def test_the_worker_pods_run_what_the_compose_worker_runs(
     assert limits.get("nvidia.com/gpu") == (1 if overlay == "gpu" else None)
     if overlay == "gpu":
         assert job["spec"]["parallelism"] > 1
+
+
+def test_the_s3_overlay_needs_no_shared_volume(
+    rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    docs = rendered["s3"]
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"
+                and d["metadata"]["name"] == "hpo-artifacts"]
+    for kind, name in (("Job", "hpo-workers"), ("Deployment", "hpo-dashboard")):
+        pod = _one(docs, kind, name)["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = _container_env(docs, pod, container)
+        assert env["HPO_ARTIFACTS"].startswith("s3://"), name
+        assert env["HPO_ARTIFACTS_CACHE"].startswith("/artifacts/")
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes[mounts["/artifacts"]] == {"name": "artifacts", "emptyDir": {}}, name
+        credentials = Path(env["AWS_SHARED_CREDENTIALS_FILE"])
+        secret = volumes[mounts[str(credentials.parent)]]["secret"]["secretName"]
+        assert credentials.name in _one(docs, "Secret", secret)["data"]
+    # Everything else is the gpu overlay's worker.
+    gpu = _one(rendered["gpu"], "Job", "hpo-workers")["spec"]["template"]["spec"]["containers"][0]
+    s3 = _one(docs, "Job", "hpo-workers")["spec"]["template"]["spec"]["containers"][0]
+    assert s3["args"] == gpu["args"] and s3["resources"] == gpu["resources"]
 
 
 def test_create_dashboard_and_postgres_share_the_settings_and_the_secret(
@@ -205,13 +230,13 @@ def test_the_kubernetes_settings_are_env_example_variables_and_hold_no_password(
     documented = read_env_file(ENV_EXAMPLE)
     assert set(settings) <= set(documented), set(settings) - set(documented)
     for path in sorted(K8S.rglob("*")):
-        if path.is_file() and path.name != "db_password":
+        if path.is_file() and path.name not in ("db_password", "aws_credentials"):
             assert not password_literals(path.read_text()), path
     for path in sorted(SLURM.iterdir()):
         assert not password_literals(path.read_text()), path
-    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q",
-                              "deploy/k8s/base/db_password"])
-    assert ignored.returncode == 0, "deploy/k8s/base/db_password is not git-ignored"
+    for secret in ("deploy/k8s/base/db_password", "deploy/k8s/s3/aws_credentials"):
+        ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", secret])
+        assert ignored.returncode == 0, f"{secret} is not git-ignored"
 
 
 def test_the_slurm_worker_runs_what_the_compose_worker_runs(tmp_path: Path) -> None:
