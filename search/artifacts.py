@@ -37,7 +37,7 @@ S3 = "s3://"
 # best.pt goes up first, so a last.pt in the bucket never names a best epoch that is not there.
 FILES = ("best.pt", "last.pt")
 LAST = "last.pt"
-POLL_SECONDS = 1.0  # how often a trial's folder is checked for a checkpoint to upload
+POLL_SECONDS = 0.5  # how often a trial's folder is checked for a checkpoint to upload
 DEFAULT_CACHE = "hpo-cache"
 log = logging.getLogger("hpo.artifacts")
 

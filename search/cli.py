@@ -87,13 +87,15 @@ def _parser() -> argparse.ArgumentParser:
     c = command("export", "the best trial's weights and config, loadable by the trainer", _export)
     c.add_argument("study")
     c.add_argument("--out", type=Path, required=True)
-    c.add_argument("--artifacts", default=_default_artifacts())
+    c.add_argument("--artifacts", default=_default_artifacts(),
+                   help="the workers' checkpoints: folder or s3://bucket/prefix")
 
     c = command("dashboard", "optuna-dashboard on this storage, on 127.0.0.1", _dashboard)
     c.add_argument("study", nargs="?", help="only used to print its address")
     c.add_argument("--host", default="127.0.0.1")
     c.add_argument("--port", type=int, default=8080)
-    c.add_argument("--artifacts", default=_default_artifacts())
+    c.add_argument("--artifacts", default=_default_artifacts(),
+                   help="the workers' checkpoints: folder or s3://bucket/prefix")
     return p
 
 
