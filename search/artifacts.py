@@ -234,7 +234,7 @@ class PrefixedStore:
 def open_artifacts(spec: str | Path, cache: str | None = None) -> Artifacts:
     """`--artifacts` as given: a folder, or s3://bucket[/prefix] with its cache under `cache`
     (default: $HPO_ARTIFACTS_CACHE, else ./hpo-cache), one folder per bucket and prefix. Keep
-    the cache path the same on every host (the default is): see the note at the end."""
+    the cache path the same on every host (the default is): see the note below."""
     text = str(spec)
     if not text.startswith(S3):
         if "://" in text:
