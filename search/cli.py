@@ -22,7 +22,7 @@ from typing import Any
 
 from search import pipeline
 from search.artifacts import ArtifactsError, open_artifacts
-from search.space import SpaceError, load_space
+from search.space import Pipeline, SpaceError, check_data, load_space
 from search.storage import StorageError, open_storage, redact, resolve_url
 from trainer.config import ConfigError
 
@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     c = command("create", "store a pipeline and create its stage studies", _create)
     c.add_argument("--space", required=True, type=Path, help="search-space TOML file")
     c.add_argument("--study", help="study name (default: the space file's name)")
+    _data_check_flag(c)
 
     c = command("worker", "pull and train trials until the pipeline is done", _worker)
     c.add_argument("--study", required=True)
@@ -71,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--study", help="study name (default: the space file's name)")
     c.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     _worker_flags(c)
+    _data_check_flag(c)
 
     c = command("status", "stages, trials by state, best so far, workers", _status)
     c.add_argument("study")
@@ -97,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--artifacts", default=_default_artifacts(),
                    help="the workers' checkpoints: folder or s3://bucket/prefix")
     return p
+
+
+def _data_check_flag(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--no-data-check", dest="check_data", action="store_false",
+                   help="do not check that the dataset can be read here (when only the workers'"
+                        " machines have it)")
 
 
 def _worker_flags(c: argparse.ArgumentParser) -> None:
@@ -128,10 +136,19 @@ def _study_name(args: argparse.Namespace) -> str:
     return args.study or args.space.stem
 
 
+def _checked_space(args: argparse.Namespace) -> Pipeline:
+    """The space file, parsed and checked, and its data readable: before anything touches the
+    database."""
+    pipe = load_space(args.space)
+    if args.check_data:
+        check_data(pipe)
+    pipeline.check_study_name(_study_name(args))
+    return pipe
+
+
 def _create(args: argparse.Namespace) -> int:
-    pipe = load_space(args.space)  # checked before anything touches the database
+    pipe = _checked_space(args)
     name = _study_name(args)
-    pipeline.check_study_name(name)
     url = resolve_url(args.storage)
     storage = open_storage(url, create_schema=True)
     created = pipeline.create(storage, name, pipe, str(args.space))
@@ -178,9 +195,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise pipeline.PipelineError(f"--workers must be at least 1, not {args.workers}")
-    pipe = load_space(args.space)
+    pipe = _checked_space(args)
     name = _study_name(args)
-    pipeline.check_study_name(name)
     store = open_artifacts(args.artifacts)
     url = resolve_url(args.storage)
     store.check()

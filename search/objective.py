@@ -18,6 +18,7 @@ import optuna
 from optuna.artifacts import upload_artifact
 from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
 
+from search import claim, grid
 from search.artifacts import Artifacts
 from search.retry import root_number
 from search.space import CategoricalParam, FloatParam, IntParam, Param, Pipeline, Stage, base_config
@@ -127,10 +128,24 @@ def trial_config(trial: optuna.Trial, ctx: TrialContext) -> TrainConfig:
     return with_overrides(TrainConfig(), overrides)
 
 
+class Duplicate(RuntimeError):
+    """The trial sampled a configuration that another trial of its stage holds already (two
+    workers sampled the same untried one at once): it is not trained."""
+
+    def __init__(self, holder: int) -> None:
+        super().__init__(f"the same configuration as trial #{holder}; not trained again")
+        self.holder = holder
+
+
 def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[float, Result]:
     """Train the trial's configuration; returns the objective value and the trainer's result.
-    Raises TrialPruned when the median pruner says so, and the trainer's typed errors."""
+    Raises TrialPruned when the pruner says so, Duplicate for a configuration of a finite space
+    that another trial holds, and the trainer's typed errors."""
     cfg = trial_config(trial, ctx)
+    if grid.size(ctx.stage.params) is not None:
+        holder = claim.reserve(trial.study, trial, grid.key(dict(trial.params)))
+        if holder is not None:
+            raise Duplicate(holder)
     public = {k: v for k, v in cfg.to_dict().items() if k not in WORKER_OWNED}
     if "teacher" in ctx.carried:
         public["teacher"] = ctx.carried["teacher"]

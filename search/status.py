@@ -8,19 +8,23 @@ from typing import Any
 import optuna
 
 from search import registry
-from search.results import stage_status
+from search.results import StageStatus, stage_status
 from search.space import Pipeline
 
 
-def status_dict(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> dict[str, Any]:
+def status_dict(
+    storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline,
+    statuses: list[StageStatus] | None = None,
+) -> dict[str, Any]:
     stages = []
-    for s in stage_status(storage, name, pipe):
+    for s in statuses if statuses is not None else stage_status(storage, name, pipe):
         c = s.counts
         stages.append({
             "stage": s.name, "budget": s.budget, "complete": c.complete, "pruned": c.pruned,
             "failed": c.failed, "running": c.running, "waiting": c.waiting,
             "best_value": s.best_value, "best_trial": s.best_trial, "carried": s.carried,
-            "seconds": round(s.seconds, 1),
+            "seconds": round(s.seconds, 1), "closed": s.closed, "exhausted": s.exhausted,
+            "not_beaten": s.not_beaten,
         })
     return {
         "study": name, "metric": pipe.metric, "direction": pipe.direction, "stages": stages,
@@ -32,7 +36,8 @@ def status_dict(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) 
 
 
 def print_status(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> None:
-    info = status_dict(storage, name, pipe)
+    statuses = stage_status(storage, name, pipe)
+    info = status_dict(storage, name, pipe, statuses)
     print(f"study {name!r}: {pipe.metric} ({pipe.direction})")
     header = ("stage", "budget", "complete", "pruned", "failed", "running", "best", "time")
     rows = [header]
@@ -42,13 +47,17 @@ def print_status(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline)
                      str(s["failed"]), str(s["running"] + s["waiting"]), best,
                      _duration(s["seconds"])))
     _table(rows)
-    for s in info["stages"]:
+    for s, st in zip(info["stages"], statuses, strict=True):
         if s["carried"]:
             print(f"  {s['stage']} carries: {json.dumps(s['carried'], sort_keys=True)}")
+        if st.verdict:
+            print(f"  {s['stage']} {st.verdict}")
     workers = info["workers"]
     if workers:
         print()
-        rows = [("worker", "host", "pid", "device", "state", "trials", "last seen", "current")]
+        # `current`: the trial a running worker is on; for a stopped one, why it stopped.
+        rows = [("worker", "host", "pid", "device", "state", "trials", "last seen",
+                 "current / reason")]
         for w in workers:
             rows.append((str(w["id"]), w["host"], str(w["pid"]), w["device"], w["state"],
                          str(w["trials_done"]), f"{w['seconds_since_seen']:.0f}s ago",
