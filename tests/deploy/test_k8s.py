@@ -211,6 +211,13 @@ def test_create_dashboard_and_postgres_share_the_settings_and_the_secret(
     assert dash_env["HPO_ARTIFACTS"] == _container_env(docs, worker, work)["HPO_ARTIFACTS"]
     claim = {v["name"]: v for v in dashboard["volumes"]}["artifacts"]["persistentVolumeClaim"]
     assert claim == {v["name"]: v for v in worker["volumes"]}["artifacts"]["persistentVolumeClaim"]
+    # `create` checks the dataset before any worker starts: it mounts the workers' data.
+
+    def data_claim(spec: dict[str, Any], box: dict[str, Any]) -> Any:
+        (mount,) = [m for m in box["volumeMounts"] if m["mountPath"] == "/data"]
+        return {v["name"]: v for v in spec["volumes"]}[mount["name"]]["persistentVolumeClaim"]
+
+    assert data_claim(create, container) == data_claim(worker, work)
     service_ = _one(docs, "Service", "hpo-dashboard")["spec"]
     assert service_.get("type", "ClusterIP") == "ClusterIP"
     assert service_["ports"][0]["targetPort"] == int(dash["args"][dash["args"].index("--port") + 1])
