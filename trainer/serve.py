@@ -14,7 +14,9 @@ memory (the body is read up to the size limit before it is parsed), so nothing r
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time,
 # and they name classes imported inside make_app.
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -158,8 +160,26 @@ def serve(predictor: "Predictor", *, host: str, port: int, threshold: float,
     b = predictor.bundle
     print(f"serving {b.kind} model ({len(b.members)} member(s), {len(b.classes)} classes,"
           f" {predictor.runtime}) on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False)
+    _server_class()(config).run()
     return 0
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class QuietExit(uvicorn.Server):
+        """uvicorn, which raises SIGTERM/SIGINT again once it has shut down gracefully (exit
+        status -15, or a KeyboardInterrupt): here a stop that finished its requests exits 0, like
+        `hpo worker`, so a service manager does not count it as a crash."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                getattr(self, "_captured_signals", []).clear()
+
+    return QuietExit
 
 
 def check_threshold(threshold: float) -> None:
