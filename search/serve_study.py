@@ -27,19 +27,21 @@ def top_trials(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline,
     if k < 1:
         raise pipeline.PipelineError(f"--top must be at least 1, not {k}")
     found = []
-    for stage in pipe.stages:
+    for index, stage in enumerate(pipe.stages):
         study = pipeline.load_stage_study(storage, name, stage)
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             if t.value is not None:
                 found.append({"study": name, "stage": stage.name, "trial": t.number,
-                              "value": t.value, "checkpoint": t.user_attrs.get("checkpoint", "")})
+                              "value": t.value, "checkpoint": t.user_attrs.get("checkpoint", ""),
+                              "order": (index, t.number)})
     if not found:
         raise pipeline.PipelineError(f"study {name!r} has no complete trial yet")
     if len(found) < k:
         raise pipeline.PipelineError(
             f"--top {k}: study {name!r} has only {len(found)} complete trial(s)")
     sign = -1.0 if pipe.direction == "maximize" else 1.0
-    found.sort(key=lambda t: (sign * t["value"], t["stage"], t["trial"]))
+    # Ties (equal validation accuracy is common on small splits) go to the earlier trial.
+    found.sort(key=lambda t: (sign * t["value"], t["order"]))
     return found[:k]
 
 

@@ -80,7 +80,7 @@ def _example(module: ServingModule) -> Tensor:
     return torch.rand(2, channels, size, size)
 
 
-def test_images(cfg: TrainConfig, limit: int = CHECK_IMAGES) -> Tensor:
+def split_images(cfg: TrainConfig, limit: int = CHECK_IMAGES) -> Tensor:
     """Up to `limit` uint8 images of the model's test split (its own data, its own split)."""
     from trainer.config import with_overrides
     from trainer.data import load_data
@@ -132,7 +132,7 @@ def portable_files(bundle: Bundle, cfg: TrainConfig, formats: list[str]
     that fails its check is a ConfigError, so an export is all or nothing."""
     if not formats:
         return {}, {}
-    images = test_images(cfg)
+    images = split_images(cfg)
     files, checks = {}, {}
     for name in formats:
         model = onnx_bytes(bundle.module) if name == "onnx" else torchscript_bytes(bundle.module)
