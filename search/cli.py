@@ -4,6 +4,7 @@
     hpo worker --study c10 [--device cuda:0]
     hpo run --space spaces/digits-quick.toml --workers 2
     hpo status c10 | hpo best c10 --json | hpo report c10 --out r.html | hpo export c10 --out best/
+    hpo export c10 --top 3 --format onnx --out top3/ | hpo serve c10 [--top 3] [--runtime onnx]
     hpo dashboard c10
 
 Every user error is one line on stderr and exit status 2; nothing is written before the input has
