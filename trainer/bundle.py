@@ -82,9 +82,9 @@ class Bundle:
                 "resize": f"bilinear (antialiased) to {self.image_size}x{self.image_size},"
                           " aspect ratio not kept, as in training",
                 "scale": "pixel / 255",
-                "normalise": [{"mean": m.mean[i].flatten().tolist(),
-                               "std": m.std[i].flatten().tolist()}
-                              for m in [self.module] for i in range(len(m.members))],
+                "normalise": [{"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
+                              for mean, std in zip(self.module.mean, self.module.std,
+                                                   strict=True)],
             },
             "dataset": self.record.get("dataset"),
         }

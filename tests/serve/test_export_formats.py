@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 
 from tests.helpers import hpo
@@ -81,6 +82,7 @@ def _test_labels(folder: Path) -> torch.Tensor:
     return torch.cat([y for _, y in data.eval_batches("test", 512)])
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_onnx_and_torchscript_match_pytorch_on_the_test_split(exports: dict[str, Path]) -> None:
     for name, formats in (("single", ("onnx", "torchscript")), ("ensemble", ("onnx",))):
         folder = exports[name]

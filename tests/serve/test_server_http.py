@@ -57,7 +57,9 @@ def in_process(export: Path, data: bytes, runtime: str = "torch") -> list[dict]:
     from trainer.bundle import load_export
     from trainer.predict import Predictor
 
-    return Predictor(load_export(export), runtime).predict(data, 3)
+    onnx = export / "model.onnx"
+    model = onnx.read_bytes() if runtime == "onnx" and onnx.is_file() else None
+    return Predictor(load_export(export), runtime, onnx_model=model).predict(data, 3)
 
 
 def same_answer(got: list[dict], want: list[dict], tol: float = 1e-5) -> bool:
@@ -214,3 +216,22 @@ def test_bad_flags_are_one_line_and_exit_2(finished_study: tuple[str, Path],
         run = hpo(*args, url=url, cwd=cwd, timeout=300)
         assert run.returncode == 2, (args, run.stderr[-2000:])
         assert words in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_an_exported_ensemble_is_served_from_its_checked_onnx_file(
+    exports: dict[str, Path], tmp_path: Path
+) -> None:
+    data = encode(digit_image(9), "jpeg")
+    server = start_server([sys.executable, "-m", "trainer.serve", str(exports["ensemble"]),
+                           "--runtime", "onnx", "--threshold", "0.6"], cwd=tmp_path,
+                          log=tmp_path / "ensemble.log")
+    try:
+        model = get_json(f"{server.base}/model")
+        status, answer = predict(server.base, data)
+    finally:
+        server.stop()
+    assert (model["kind"], model["runtime"], model["threshold"]) == ("ensemble", "onnx", 0.6)
+    assert [m["trial"] for m in model["members"]] == [
+        m["trial"] for m in get_json_file(exports["ensemble"] / "config.json")["members"]]
+    assert status == 200
+    assert same_answer(answer["predictions"], in_process(exports["ensemble"], data, "onnx"))
