@@ -9,17 +9,22 @@ with the same effect.) So the worker writes the trials it takes and the copies i
 transactions of its own, each leaving a mark by which a retry recognises that the first attempt
 landed:
 
-- `ask`: takes the oldest waiting trial or a new one, and in the same transaction records its
-  first heartbeat and a claim token (a system attribute, not shown as a user attribute); after a
-  connection error it looks for its token before it tries again.
+- `ask`: takes the oldest waiting trial, or a new one if the stage has a free budget slot
+  (`search.budget`), and in the same transaction records its first heartbeat and a claim token
+  (a system attribute, not shown as a user attribute); after a connection error it looks for
+  its token before it tries again.
 - `queue_copy`: inserts a WAITING copy of a trial, unless the study already holds one (the copy
   names the trial it retries in its user attribute `retry_of`).
+- `reserve`: in a finite space, records which configuration a trial holds, unless another trial
+  holds it already: two workers that sampled the same untried configuration at once cannot both
+  train it.
 - `fail_running`: fails a stale trial and queues its copy in the same transaction: Optuna's
   `fail_stale_trials` commits the failure first and calls back for the retry afterwards, and a
   connection lost in between leaves the trial failed and never retried.
 
-Trial numbers are given under a lock on the study's row, as Optuna gives them, so trial ids of a
-study become visible in increasing order (`algorithms.py` relies on it).
+Every transaction here that adds a trial first locks the study's row, so budget slots are counted
+and trial numbers given (as Optuna gives them) one writer at a time; trial ids of a study become
+visible in increasing order (`algorithms.py` relies on it).
 """
 
 from __future__ import annotations
@@ -38,10 +43,10 @@ from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
-from search.retry import RETRY_OF
+from search import budget
+from search.attrs import CLAIM, CONFIGURATION, RETRY_OF
 from search.storage import rdb, with_retry
 
-CLAIM = "hpo:claim"  # trial system attribute: the token of the ask that took the trial
 log = logging.getLogger(__name__)
 
 _TRIALS = models.TrialModel.__table__
@@ -52,16 +57,18 @@ _SYSTEM_ATTRS = models.TrialSystemAttributeModel.__table__
 _BEATS = models.TrialHeartbeatModel.__table__
 
 
-def ask(study: optuna.Study, waiting: int) -> optuna.Trial:
-    """What `study.ask()` does, exactly once: the oldest WAITING trial when `waiting` (the count
-    just taken) says there may be one, else a new RUNNING trial. Retries through an outage.
+def ask(study: optuna.Study) -> optuna.Trial | None:
+    """What `study.ask()` does, exactly once and within the stage's budget: the oldest WAITING
+    trial, else a new RUNNING trial if a budget slot is free, else None (every slot is held: by
+    finished trials, or by trials running or waiting elsewhere). Retries through an outage.
 
-    Without Optuna's look for a waiting trial when the count found none: that look reads every
-    unfinished trial of the study with all its attributes, a cost that grows with the number of
-    workers. A trial queued between the count and this call waits for the next ask."""
+    Without Optuna's look for a waiting trial: that look reads every unfinished trial of the
+    study with all its attributes, a cost that grows with the number of workers; the count of
+    waiting trials, taken under the study's lock, says whether there is one."""
     backend = rdb(study._storage)
-    if backend is None:
-        return study.ask()
+    if backend is None:  # not a database we write ourselves: Optuna's own ask, same rule
+        counts, limit = _counts_in_memory(study)
+        return study.ask() if counts.waiting or budget.free_slots(counts, limit) else None
     token = secrets.token_hex(8)
 
     def landed() -> FrozenTrial | None:
@@ -71,8 +78,9 @@ def ask(study: optuna.Study, waiting: int) -> optuna.Trial:
         log.warning("trial id %d was taken before the connection dropped; running it", taken)
         return backend.get_trial(taken)
 
-    frozen = with_retry("ask", lambda: _claim(backend, study._study_id, token, waiting),
-                        landed=landed)
+    frozen = with_retry("ask", lambda: _claim(backend, study._study_id, token), landed=landed)
+    if frozen is None:
+        return None
     _remember(study, frozen)
     study._thread_local.cached_all_trials = None  # as `ask` does: sampling reads the study anew
     # Building the trial only reads (the trial, and the study for TPE's search space).
@@ -102,6 +110,43 @@ def queue_copy(
     return with_retry("re-queue", attempt)
 
 
+def reserve(study: optuna.Study, trial: optuna.Trial, key: str) -> int | None:
+    """Record, under the study's lock, that `trial` holds the configuration `key`; or, when a
+    finished, running or waiting trial of the study holds it already, write nothing and return
+    that trial's number. Retries through an outage: a retry after a lost reply finds the mark it
+    left and writes none again."""
+    backend = rdb(study._storage)
+    if backend is None:
+        return None
+    value = json.dumps(key)
+
+    def attempt() -> int | None:
+        with backend.engine.begin() as conn:
+            _lock_study(conn, study._study_id)
+            holder = conn.execute(
+                sa.select(_TRIALS.c.number)
+                .join(_SYSTEM_ATTRS, _SYSTEM_ATTRS.c.trial_id == _TRIALS.c.trial_id)
+                .where(_TRIALS.c.study_id == study._study_id,
+                       _TRIALS.c.trial_id != trial._trial_id,
+                       _TRIALS.c.state.in_(budget.HOLDING),
+                       _SYSTEM_ATTRS.c.key == CONFIGURATION, _SYSTEM_ATTRS.c.value_json == value)
+                .limit(1)
+            ).scalar()
+            if holder is not None:
+                return int(holder)
+            mine = conn.execute(
+                sa.select(_SYSTEM_ATTRS.c.trial_id)
+                .where(_SYSTEM_ATTRS.c.trial_id == trial._trial_id,
+                       _SYSTEM_ATTRS.c.key == CONFIGURATION)
+            ).first()
+            if mine is None:
+                conn.execute(sa.insert(_SYSTEM_ATTRS).values(
+                    trial_id=trial._trial_id, key=CONFIGURATION, value_json=value))
+            return None
+
+    return with_retry("reserve configuration", attempt)
+
+
 def fail_running(
     study: optuna.Study, trial: FrozenTrial, copy_attrs: Mapping[str, Any] | None
 ) -> bool:
@@ -125,6 +170,7 @@ def fail_running(
 def _insert_copy(
     conn: sa.Connection, study_id: int, trial: FrozenTrial, user_attrs: Mapping[str, Any]
 ) -> bool:
+    _lock_study(conn, study_id)  # before the look, so two callers cannot both miss the copy
     if _copy_exists(conn, study_id, trial.number):
         return False
     trial_id, _, _ = _insert_trial(conn, study_id, TrialState.WAITING)
@@ -137,11 +183,17 @@ def _insert_copy(
 
 
 def _claim(
-    backend: optuna.storages.RDBStorage, study_id: int, token: str, waiting: int
-) -> FrozenTrial:
+    backend: optuna.storages.RDBStorage, study_id: int, token: str
+) -> FrozenTrial | None:
     with backend.engine.begin() as conn:
-        popped = _pop_waiting(conn, study_id) if waiting else None
+        _lock_study(conn, study_id)
+        # Counted under the lock: no other ask can add a trial until this commit.
+        limit = budget.read_limit(conn, study_id)
+        counts = budget.count(conn, study_id, limit)
+        popped = _pop_waiting(conn, study_id) if counts.waiting else None
         if popped is None:
+            if not budget.free_slots(counts, limit):
+                return None
             trial_id, number, start = _insert_trial(conn, study_id, TrialState.RUNNING)
         else:
             trial_id = popped
@@ -159,15 +211,35 @@ def _claim(
     )
 
 
+def _lock_study(conn: sa.Connection, study_id: int) -> None:
+    """Hold the study's row until the commit. PostgreSQL and MySQL lock the row; SQLite has no
+    row locks, and its driver begins a transaction only at the first write (a read before it
+    would not be part of the transaction), so there a write that changes nothing comes first
+    and holds the database's write lock."""
+    if conn.dialect.name == "sqlite":
+        conn.execute(sa.update(_STUDIES).where(_STUDIES.c.study_id == study_id)
+                     .values(study_name=_STUDIES.c.study_name))
+    else:
+        conn.execute(sa.select(_STUDIES.c.study_id).where(_STUDIES.c.study_id == study_id)
+                     .with_for_update())
+
+
+def _counts_in_memory(study: optuna.Study) -> tuple[budget.Counts, budget.Limit]:
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    counts = budget.Counts(
+        complete=states.count(TrialState.COMPLETE), pruned=states.count(TrialState.PRUNED),
+        failed=states.count(TrialState.FAIL), running=states.count(TrialState.RUNNING),
+        waiting=states.count(TrialState.WAITING))
+    trials = study.user_attrs.get(budget.BUDGET)
+    return counts, budget.Limit(None if trials is None else int(trials))
+
+
 def _insert_trial(
     conn: sa.Connection, study_id: int, state: TrialState
 ) -> tuple[int, int, datetime | None]:
     """Insert a trial numbered after every other trial of the study: (trial id, number, start in
     naive UTC, as Optuna stores datetimes; None for a waiting trial)."""
-    # Locks the study's row on PostgreSQL and MySQL. SQLite has no row locks; there the insert,
-    # which comes first, holds the database's write lock until the commit.
-    conn.execute(sa.select(_STUDIES.c.study_id).where(_STUDIES.c.study_id == study_id)
-                 .with_for_update())
+    _lock_study(conn, study_id)  # a no-op when the caller holds it already
     start = datetime.now(UTC).replace(tzinfo=None) if state == TrialState.RUNNING else None
     trial_id = conn.execute(sa.insert(_TRIALS).values(
         study_id=study_id, number=None, state=state, datetime_start=start,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from search import pipeline
-from search.space import SpaceError, load_space
+from search.space import Pipeline, SpaceError, check_data, load_space
 from search.storage import StorageError, open_storage, redact, resolve_url
 from trainer.config import ConfigError
 
@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     c = command("create", "store a pipeline and create its stage studies", _create)
     c.add_argument("--space", required=True, type=Path, help="search-space TOML file")
     c.add_argument("--study", help="study name (default: the space file's name)")
+    _data_check_flag(c)
 
     c = command("worker", "pull and train trials until the pipeline is done", _worker)
     c.add_argument("--study", required=True)
@@ -70,15 +71,35 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--space", required=True, type=Path)
     c.add_argument("--study", help="study name (default: the space file's name)")
     c.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    c.add_argument("-v", "--verbose", action="store_true", help="per-epoch lines on screen too")
     _worker_flags(c)
+    _data_check_flag(c)
 
-    c = command("status", "stages, trials by state, best so far, workers", _status)
+    c = command("status", "stages, trials by state, best so far, workers; no STUDY: list", _status)
+    c.add_argument("study", nargs="?")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--watch", action="store_true", help="a live view until the search ends")
+    command("list", "the studies in the storage: state, best value, last activity",
+            _commands("list_studies"))
+
+    c = command("best", "the winning parameters by stage, and the metrics", _best)
     c.add_argument("study")
     c.add_argument("--json", action="store_true")
+    c.add_argument("--all", action="store_true", help="every field of the configuration")
 
-    c = command("best", "the best configuration, all stages merged, with its metrics", _best)
+    c = command("delete", "remove a study: stage studies, rows, artifacts", _commands("delete"))
     c.add_argument("study")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    c.add_argument("--artifacts", type=Path, default=_default_artifacts())
+    c = command("extend", "raise a stage's budget of trials", _commands("extend"))
+    c.add_argument("study")
+    c.add_argument("--stage", required=True)
+    c.add_argument("--trials", type=int, required=True, help="the new budget")
+    c = command("enqueue", "queue a configuration the next free worker trains first",
+                _commands("enqueue"))
+    c.add_argument("study")
+    c.add_argument("--stage", required=True)
+    c.add_argument("--params", required=True, help='JSON, e.g. \'{"lr": 0.1}\'')
 
     c = command("report", "a self-contained HTML report with plots", _report)
     c.add_argument("study")
@@ -105,6 +126,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--port", type=int, default=8080)
     c.add_argument("--artifacts", type=Path, default=_default_artifacts())
     return p
+
+
+def _commands(name: str) -> Any:
+    """A handler in search/commands.py, imported when its command runs."""
+
+    def handler(args: argparse.Namespace) -> int:
+        from search import commands
+
+        return int(getattr(commands, name)(args))
+
+    return handler
+
+
+def _data_check_flag(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--no-data-check", dest="check_data", action="store_false",
+                   help="do not check that the dataset can be read here (when only the workers'"
+                        " machines have it)")
 
 
 def _worker_flags(c: argparse.ArgumentParser) -> None:
@@ -136,10 +174,19 @@ def _study_name(args: argparse.Namespace) -> str:
     return args.study or args.space.stem
 
 
+def _checked_space(args: argparse.Namespace) -> Pipeline:
+    """The space file, parsed and checked, and its data readable: before anything touches the
+    database."""
+    pipe = load_space(args.space)
+    if args.check_data:
+        check_data(pipe)
+    pipeline.check_study_name(_study_name(args))
+    return pipe
+
+
 def _create(args: argparse.Namespace) -> int:
-    pipe = load_space(args.space)  # checked before anything touches the database
+    pipe = _checked_space(args)
     name = _study_name(args)
-    pipeline.check_study_name(name)
     url = resolve_url(args.storage)
     storage = open_storage(url, create_schema=True)
     created = pipeline.create(storage, name, pipe, str(args.space))
@@ -180,21 +227,17 @@ def _set_threads(threads: int) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from search.local import run_local
-
     if args.workers < 1:
         raise pipeline.PipelineError(f"--workers must be at least 1, not {args.workers}")
-    pipe = load_space(args.space)
+    pipe = _checked_space(args)
     name = _study_name(args)
-    pipeline.check_study_name(name)
     url = resolve_url(args.storage)
+    from search import commands
+
+    commands.quiet_optuna()  # its INFO lines go to the workers' log, not between the view's
     pipeline.create(open_storage(url, create_schema=True), name, pipe, str(args.space))
-    code = run_local(url, name, workers=args.workers, device=args.device,
-                     artifacts=args.artifacts.resolve(), threads=args.threads, fault=args.fault)
-    _status(argparse.Namespace(storage=url, study=name, json=False))
-    if code == 0:
-        _best(argparse.Namespace(storage=url, study=name, json=False))
-    return code
+
+    return commands.run(args, url, name)
 
 
 def _open(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -203,8 +246,13 @@ def _open(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from search import commands
     from search.status import print_status, status_dict
 
+    if args.study is None:
+        return commands.list_studies(args)
+    if args.watch:
+        return commands.watch(args)
     storage, pipe = _open(args)
     if args.json:
         print(json.dumps(status_dict(storage, args.study, pipe), indent=2))
@@ -214,22 +262,13 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _best(args: argparse.Namespace) -> int:
+    from search import commands
     from search.results import best
 
+    if not args.json:
+        return commands.best(args)
     storage, pipe = _open(args)
-    info = best(storage, args.study, pipe)
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    print(f"best: stage {info['stage']!r} trial {info['trial']}, {info['metric']} ="
-          f" {info['value']:.4f}")
-    metrics = info["metrics"]
-    for key in ("test_acc", "test_top5", "test_macro_f1"):
-        if key in metrics:
-            print(f"  {key}: {metrics[key]:.4f}")
-    print("  config:")
-    for key, value in sorted(info["config"].items()):
-        print(f"    {key} = {value!r}")
+    print(json.dumps(best(storage, args.study, pipe), indent=2))
     return 0
 
 

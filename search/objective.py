@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +20,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
 
+from search import claim, grid
 from search.retry import root_number
 from search.space import CategoricalParam, FloatParam, IntParam, Param, Pipeline, Stage, base_config
 from search.storage import set_user_attrs, with_retry
@@ -103,7 +106,9 @@ def upload_once(trial: optuna.Trial, store: FileSystemArtifactStore, path: str) 
         return None
 
     return with_retry("upload checkpoint", lambda: upload_artifact(
-        artifact_store=store, file_path=path, study_or_trial=trial), landed=landed)
+        artifact_store=store, file_path=path, study_or_trial=trial,
+        # Python guesses `.pt` as a SNES page table; a checkpoint is bytes for torch.load.
+        mimetype="application/octet-stream"), landed=landed)
 
 
 def checkpoint_dir(ctx: TrialContext, trial: optuna.Trial) -> Path:
@@ -124,10 +129,24 @@ def trial_config(trial: optuna.Trial, ctx: TrialContext) -> TrainConfig:
     return with_overrides(TrainConfig(), overrides)
 
 
+class Duplicate(RuntimeError):
+    """The trial sampled a configuration that another trial of its stage holds already (two
+    workers sampled the same untried one at once): it is not trained."""
+
+    def __init__(self, holder: int) -> None:
+        super().__init__(f"the same configuration as trial #{holder}; not trained again")
+        self.holder = holder
+
+
 def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[float, Result]:
     """Train the trial's configuration; returns the objective value and the trainer's result.
-    Raises TrialPruned when the median pruner says so, and the trainer's typed errors."""
+    Raises TrialPruned when the pruner says so, Duplicate for a configuration of a finite space
+    that another trial holds, and the trainer's typed errors."""
     cfg = trial_config(trial, ctx)
+    if grid.size(ctx.stage.params) is not None:
+        holder = claim.reserve(trial.study, trial, grid.key(dict(trial.params)))
+        if holder is not None:
+            raise Duplicate(holder)
     public = {k: v for k, v in cfg.to_dict().items() if k not in WORKER_OWNED}
     _set_attrs(trial, {"config": public, "carried": ctx.carried, "worker": ctx.worker,
                        "device": ctx.device})
@@ -165,7 +184,9 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
     best_epoch = result.history[result.best_epoch - 1]
     store_dir = ctx.artifacts / "store"
     store_dir.mkdir(parents=True, exist_ok=True)
-    artifact = upload_once(trial, FileSystemArtifactStore(str(store_dir)), result.checkpoint)
+    with _named(Path(result.checkpoint), f"{ctx.study}-{ctx.stage.name}-trial{trial.number}.pt") \
+            as upload:
+        artifact = upload_once(trial, FileSystemArtifactStore(str(store_dir)), str(upload))
     _set_attrs(trial, {
         "epochs": epochs,
         "metrics": {k: v for k, v in result.metrics().items()
@@ -177,6 +198,24 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
         "split": result.data,
     })
     return float(best_epoch[metric]), result
+
+
+@contextlib.contextmanager
+def _named(path: Path, name: str) -> Iterator[Path]:
+    """`path` under the file name the dashboard's download gets (every trial's checkpoint is
+    best.pt): a hard link beside it, removed after the upload; the path itself where the
+    file system has no hard links."""
+    link = path.with_name(name)
+    try:
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+    except OSError:
+        yield path
+        return
+    try:
+        yield link
+    finally:
+        link.unlink(missing_ok=True)
 
 
 def _set_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:

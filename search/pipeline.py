@@ -1,7 +1,8 @@
 """Pipelines in the database: one Optuna study per stage (`<study>/<stage>`), the pipeline
 definition stored beside them, stage accounting, and what each stage carries over.
 
-A stage closes when its budget of finished (complete or pruned) trials is spent. The next one
+A stage closes when its budget of finished (complete or pruned) trials is spent (the rules are in
+`search.budget`). The next one
 opens from the best complete trial of all stages before it: that trial's full configuration,
 which already holds what its own stage carried in.
 """
@@ -9,20 +10,17 @@ which already holds what its own stage carried in.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import optuna
 import sqlalchemy as sa
-from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
-from search import registry
-from search.retry import BUDGET
+from search import budget, grid, registry
+from search.budget import BUDGET, SPACE_SIZE, Counts
 from search.space import Pipeline, Stage
 
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class PipelineError(RuntimeError):
@@ -59,6 +57,8 @@ def create(
                 f"study {name!r} already exists, created from {existing['source']} with a"
                 f" different definition than {source}; choose another --study name"
             )
+        # The stored definition, which `hpo extend` may have given larger budgets.
+        pipeline = Pipeline.from_json(existing["spec"])
     # Create (or find, after an interrupted create) every stage study, so the dashboard shows the
     # whole pipeline from the start.
     for index, stage in enumerate(pipeline.stages):
@@ -68,6 +68,9 @@ def create(
         )
         study.set_user_attr("stage", f"{index + 1}/{len(pipeline.stages)}: {stage.name}")
         study.set_user_attr(BUDGET, stage.trials)
+        size = grid.size(stage.params)
+        if size is not None:
+            study.set_user_attr(SPACE_SIZE, size)
         study.set_user_attr("epochs", stage.epochs)
         study.set_user_attr("params", sorted(stage.params))
     return created
@@ -90,38 +93,18 @@ def load_stage_study(
     )
 
 
-@dataclass(frozen=True)
-class Counts:
-    complete: int = 0
-    pruned: int = 0
-    failed: int = 0
-    running: int = 0
-    waiting: int = 0
-
-    @property
-    def finished(self) -> int:
-        return self.complete + self.pruned
-
-
 def counts(study: optuna.Study) -> Counts:
-    """Trials of a stage study by state, counted in the database: a worker asks before every
-    trial, and loading every trial of a 200-trial study each time would cost more than the trial
-    bookkeeping itself."""
-    trials, studies = models.TrialModel.__table__, models.StudyModel.__table__
-    query = (
-        sa.select(trials.c.state, sa.func.count())
-        .select_from(trials.join(studies, trials.c.study_id == studies.c.study_id))
-        .where(studies.c.study_name == study.study_name)
-        .group_by(trials.c.state)
-    )
-    with _engine(study).connect() as conn:
-        by_state = {TrialState[row[0]] if isinstance(row[0], str) else row[0]: row[1]
-                    for row in conn.execute(query)}
-    return Counts(
-        complete=by_state.get(TrialState.COMPLETE, 0), pruned=by_state.get(TrialState.PRUNED, 0),
-        failed=by_state.get(TrialState.FAIL, 0), running=by_state.get(TrialState.RUNNING, 0),
-        waiting=by_state.get(TrialState.WAITING, 0),
-    )
+    """Trials of a stage study by state, counted in the database."""
+    return stage_state(study)[0]
+
+
+def stage_state(study: optuna.Study) -> tuple[Counts, budget.Limit]:
+    """A stage's counts and budget, as the budget rules (`search.budget`) take them."""
+    return budget.state(_engine(study), study._study_id)
+
+
+def stage_closed(study: optuna.Study) -> bool:
+    return budget.closed(*stage_state(study))
 
 
 def _engine(study: optuna.Study) -> sa.Engine:

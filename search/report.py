@@ -180,8 +180,10 @@ def _stage_section(
                f" (this stage has {len(complete)} complete)")
     out = [f'<section id="stage-{_esc(stage.name)}">',
            f"<h2>Stage {_esc(pipeline.stage_study_name(name, stage.name))}</h2>",
-           f"<p>{status.counts.finished} of {stage.trials} trials finished,"
+           f"<p>{status.counts.finished} of {status.budget} trials finished,"
            f" {stage.epochs} epochs each.</p>"]
+    if status.verdict:
+        out.append(f'<p class="verdict">This stage {_esc(status.verdict)}.</p>')
     plots: list[tuple[str, bool, str, Callable[[optuna.Study], go.Figure]]] = [
         ("Optimization history", bool(complete), "no complete trial yet",
          vis.plot_optimization_history),

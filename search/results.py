@@ -10,6 +10,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search import budget as budget_rules
 from search import pipeline, registry
 from search.objective import WORKER_OWNED
 from search.space import Pipeline
@@ -18,28 +19,61 @@ from search.space import Pipeline
 @dataclass(frozen=True)
 class StageStatus:
     name: str
-    budget: int
-    counts: pipeline.Counts
+    budget: int  # as the database holds it: what the workers go by
+    counts: budget_rules.Counts
+    closed: bool
+    exhausted: bool  # closed early: every configuration of its finite space was trained
     best_value: float | None
     best_trial: int | None
     carried: dict[str, Any] | None  # None: not opened yet
     seconds: float  # summed wall time of its finished trials
+    # The best of the stages before it, when this stage's best ties or trails it: then the stage
+    # carries nothing new to the next one. None: it improved, or has nothing to compare yet.
+    not_beaten: dict[str, Any] | None = None
+
+    @property
+    def verdict(self) -> str:
+        """What a reader should know about how the stage ended, in one line, or ''."""
+        said = []
+        if self.exhausted and self.counts.finished < self.budget:
+            said.append(f"closed early: all {self.counts.configurations} configurations of its"
+                        " space were trained")
+        if self.not_beaten is not None:
+            b = self.not_beaten
+            said.append(f"did not beat {b['stage']} #{b['trial']} ({b['value']:.4f}):"
+                        " carries nothing new")
+        return "; ".join(said)
 
 
 def stage_status(
     storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline
 ) -> list[StageStatus]:
-    out = []
+    out: list[StageStatus] = []
+    sign = 1.0 if pipe.direction == "maximize" else -1.0
+    earlier: tuple[str, int, float] | None = None  # best (stage, trial, value) so far
     for stage in pipe.stages:
         study = pipeline.load_stage_study(storage, name, stage)
         trials = study.get_trials(deepcopy=False)
         best = _best([t for t in trials if t.state == TrialState.COMPLETE], pipe.direction)
         opened = registry.get_stage(storage.engine, name, stage.name)
+        counts, limit = pipeline.stage_state(study)
+        not_beaten = None
+        value = best.value if best is not None else None
+        if value is not None:
+            # Strictly better, as `pipeline.best_of` picks what the next stage opens from: a tie
+            # with the earlier best carries nothing new either.
+            if earlier is None or sign * value > sign * earlier[2]:
+                earlier = (stage.name, best.number, value)  # type: ignore[union-attr]
+            else:
+                not_beaten = {"stage": earlier[0], "trial": earlier[1], "value": earlier[2]}
         out.append(StageStatus(
-            name=stage.name, budget=stage.trials, counts=pipeline.counts(study),
+            name=stage.name, budget=stage.trials if limit.trials is None else limit.trials,
+            counts=counts, closed=budget_rules.closed(counts, limit),
+            exhausted=budget_rules.exhausted(counts, limit),
             best_value=best.value if best else None, best_trial=best.number if best else None,
             carried=opened.carried if opened else None,
             seconds=sum((t.duration or timedelta()).total_seconds() for t in trials),
+            not_beaten=not_beaten,
         ))
     return out
 

@@ -1,7 +1,8 @@
 """Putting a trial back in the queue: after its worker died (heartbeat went stale) or handed it
 back (SIGTERM). The copy keeps the parameters, so it trains the same configuration, and names the
-first attempt, whose checkpoint folder it resumes from. Each is written exactly once
-(`claim.py`): a stale trial is failed and its copy queued in one transaction."""
+first attempt, whose checkpoint folder it resumes from. Each is written exactly once, and the
+trial is failed and its copy queued in one transaction (`claim.fail_running`), so the trial's
+budget slot passes straight to the copy (`search.budget`)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-ROOT = "root"  # user attr: number of the first attempt of this configuration
-CRASHES = "crashes"  # user attr: how many attempts of it died without a word
-RETRY_OF = "retry_of"  # user attr: the number of the attempt this one retries
-BUDGET = "budget"  # study user attr: the stage's budget of finished trials
+from search import budget, pipeline
+from search.attrs import CRASHES, RETRY_OF, ROOT
+from search.claim import fail_running, queue_copy
 
+MAX_CRASH_RETRIES = 1  # a configuration that killed its worker twice is failed for good
 log = logging.getLogger(__name__)
 
 
@@ -34,36 +35,46 @@ def copy_attrs(trial: FrozenTrial, *, crashed: bool) -> dict[str, Any]:
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial, *, crashed: bool) -> None:
-    """Enqueue a WAITING copy of `trial` with the same parameters, once: a call repeated after a
-    lost reply finds the copy and adds none. Retries through an outage."""
-    from search.claim import queue_copy  # claim imports storage, which imports this module
-
+    """Enqueue a WAITING copy of the finished `trial` with the same parameters, once: a call
+    repeated after a lost reply finds the copy and adds none. Retries through an outage. (A
+    running trial is handed back with `hand_back`, which keeps its slot.)"""
     if queue_copy(study, trial, copy_attrs(trial, crashed=crashed)):
         log.info("trial %d re-queued (%s)", trial.number, "crashed" if crashed else "handed back")
 
 
+def hand_back(study: optuna.Study, trial: FrozenTrial) -> bool:
+    """Fail the running `trial` (its worker was told to stop) and queue its copy in the same
+    commit, so its slot is never free for a new trial in between. False when a reaper had
+    already failed it (and queued the copy). A retry after a lost reply finds the trial failed
+    and adds nothing."""
+    if not budget.may_retry(*pipeline.stage_state(study)):
+        return fail_running(study, trial, None)
+    handed = fail_running(study, trial, copy_attrs(trial, crashed=False))
+    if handed:
+        log.info("trial %d handed back and re-queued", trial.number)
+    return handed
+
+
 def retry_of_crashed(
-    study: optuna.Study, trial: FrozenTrial, max_crash_retries: int = 1
+    study: optuna.Study, trial: FrozenTrial, max_crash_retries: int = MAX_CRASH_RETRIES
 ) -> dict[str, Any] | None:
     """The user attributes of a retry of `trial`, whose worker died; None when it gets none: a
-    configuration that kills its worker must not loop forever, and once the stage's budget is
-    spent a retry would only be overshoot nobody waits for."""
+    configuration that kills its worker must not loop forever (it is failed for good and its
+    slot is free again), and a closed stage (`budget.may_retry`) waits for nobody."""
     if int(trial.user_attrs.get(CRASHES, 0)) >= max_crash_retries:
-        log.warning("trial %d died again; not retried", trial.number)
+        log.warning("trial %d killed its worker again; failed for good", trial.number)
         return None
-    if stage_closed(study):
+    if not budget.may_retry(*pipeline.stage_state(study)):
         log.info("trial %d died after its stage closed; not retried", trial.number)
         return None
     return copy_attrs(trial, crashed=True)
 
 
-def reap(study: optuna.Study, trial_id: int, max_crash_retries: int = 1) -> None:
+def reap(study: optuna.Study, trial_id: int, max_crash_retries: int = MAX_CRASH_RETRIES) -> None:
     """Fail the stale trial `trial_id` and queue its retry, in one transaction, so an outage
     between the two cannot leave it failed and never retried. Not retried here: the reaper runs
     beside the heartbeat, which must not wait out an outage behind it, and its next round finds
     whatever is left to do."""
-    from search.claim import fail_running  # claim imports storage, which imports this module
-
     trial = study._storage.get_trial(trial_id)
     if trial.state != TrialState.RUNNING:
         return
@@ -71,25 +82,3 @@ def reap(study: optuna.Study, trial_id: int, max_crash_retries: int = 1) -> None
     if fail_running(study, trial, attrs):
         log.warning("trial %d failed: no heartbeat for over the grace period%s", trial.number,
                     "; re-queued" if attrs is not None else "")
-
-
-class Requeue:
-    """Heartbeat-stale callback, for Optuna's own `fail_stale_trials` (the worker's reaper uses
-    `reap`): the same retry, in a transaction after the one that failed the trial."""
-
-    def __init__(self, max_crash_retries: int = 1) -> None:
-        self.max_crash_retries = max_crash_retries
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if retry_of_crashed(study, trial, self.max_crash_retries) is not None:
-            requeue(study, trial, crashed=True)
-
-
-def stage_closed(study: optuna.Study) -> bool:
-    """The stage's budget is spent: a retry would only be overshoot nobody waits for."""
-    budget = study.user_attrs.get(BUDGET)
-    if budget is None:
-        return False
-    from search.pipeline import counts  # pipeline imports this module for BUDGET
-
-    return counts(study).finished >= int(budget)

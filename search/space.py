@@ -55,10 +55,34 @@ _STAGE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 @dataclass(frozen=True)
 class Pruner:
-    """Optuna's MedianPruner; warmup_epochs >= the stage's epochs turns pruning off."""
+    """Which of Optuna's pruners stops a stage's poor trials early, epochs being the resource.
 
-    startup_trials: int = 5  # n_startup_trials: finished trials before any pruning
-    warmup_epochs: int = 2  # n_warmup_steps: epochs a trial always runs
+    `median` (the default): MedianPruner; warmup_epochs >= the stage's epochs turns it off.
+    `hyperband` and `successive_halving`: Optuna's HyperbandPruner and SuccessiveHalvingPruner
+    from `min_epochs` up to the stage's epochs, keeping 1/`reduction_factor` at each rung.
+    `none`: every trial runs all its epochs."""
+
+    type: str = "median"
+    startup_trials: int = 5  # median: n_startup_trials, finished trials before any pruning
+    warmup_epochs: int = 2  # median: n_warmup_steps, epochs a trial always runs
+    min_epochs: int = 1  # hyperband, successive_halving: min_resource
+    reduction_factor: int = 3  # hyperband, successive_halving: at least 2
+
+    def table(self) -> dict[str, Any]:
+        """The keys this type uses, as a space file writes them. A median pruner is written
+        without its type, as before pruner types existed, so stored pipelines keep their
+        digest."""
+        keys = PRUNER_KEYS[self.type]
+        values = {key: getattr(self, key) for key in keys}
+        return values if self.type == "median" else {"type": self.type, **values}
+
+
+PRUNER_KEYS = {
+    "median": ("startup_trials", "warmup_epochs"),
+    "hyperband": ("min_epochs", "reduction_factor"),
+    "successive_halving": ("min_epochs", "reduction_factor"),
+    "none": (),
+}
 
 
 @dataclass(frozen=True)
@@ -68,7 +92,7 @@ class Sampler:
     startup_trials: int = 10  # n_startup_trials: random trials before TPE takes over
 
 
-_DEFAULT_PRUNER = dataclasses.asdict(Pruner())
+_DEFAULT_PRUNER = {k: v for k, v in dataclasses.asdict(Pruner()).items() if k != "type"}
 _DEFAULT_SAMPLER = dataclasses.asdict(Sampler())
 
 
@@ -141,6 +165,18 @@ def base_config(pipeline: Pipeline, stage: Stage, carried: dict[str, Any]) -> di
     }
 
 
+def check_data(pipeline: Pipeline) -> None:
+    """Refuse a pipeline whose dataset cannot be read here (an ImageFolder that is not there or
+    has fewer than two class folders with images, CIFAR's files absent without `download`, a
+    crop padding the images do not allow), so a fleet does not start on it. Reads folder
+    listings only; raises trainer's DataUnavailable (a ConfigError) naming the problem."""
+    from trainer.config import TrainConfig, with_overrides
+    from trainer.sources import check_readable
+
+    for stage in pipeline.stages:
+        check_readable(with_overrides(TrainConfig(), base_config(pipeline, stage, {})))
+
+
 def load_space(path: str | Path) -> Pipeline:
     """Read, parse and check a space file; raises SpaceError and never writes anything."""
     source = str(path)
@@ -196,6 +232,25 @@ def parse_space(data: dict, source: str) -> Pipeline:
     return pipeline
 
 
+def _pruner(raw: Any, epochs: int, at: str) -> Pruner:
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{at}: expected a table, got {show(raw)}")
+    kind = raw.get("type", "median")
+    if kind not in PRUNER_KEYS:
+        raise SpaceError(f"{at}.type: {show(kind)} is not one of {', '.join(PRUNER_KEYS)}")
+    keys = PRUNER_KEYS[kind]
+    rest = {k: v for k, v in raw.items() if k != "type"}
+    no_unknown_keys(rest, keys, f"{at}.")
+    values = counts(rest, {k: _DEFAULT_PRUNER[k] for k in keys}, at)
+    if values.get("reduction_factor", 2) < 2:
+        raise SpaceError(f"{at}.reduction_factor: must be at least 2, got"
+                         f" {values['reduction_factor']}")
+    if "min_epochs" in values and not 1 <= values["min_epochs"] <= epochs:
+        raise SpaceError(f"{at}.min_epochs: must be between 1 and the stage's {epochs} epochs,"
+                         f" got {values['min_epochs']}")
+    return Pruner(type=kind, **values)
+
+
 def _stage(raw: Any, index: int, names: list, done: list[Stage], source: str) -> Stage:
     at = f"{source}: stage #{index + 1}"
     if not isinstance(raw, dict):
@@ -214,7 +269,7 @@ def _stage(raw: Any, index: int, names: list, done: list[Stage], source: str) ->
         epochs = field_value("epochs", raw["epochs"])
     except ParamError as err:
         raise SpaceError(f"{at}: epochs: {err}") from None
-    pruner = Pruner(**counts(raw.get("pruner", {}), _DEFAULT_PRUNER, f"{at}: pruner"))
+    pruner = _pruner(raw.get("pruner", {}), epochs, f"{at}: pruner")
     sampler = Sampler(**counts(raw.get("sampler", {}), _DEFAULT_SAMPLER, f"{at}: sampler"))
     teacher = _teacher(raw.get("teacher"), name, names, done, f"{at}: teacher")
     fixed = fixed_table(raw.get("fixed", {}), f"{at}: fixed")
@@ -314,7 +369,7 @@ def _to_data(pipeline: Pipeline) -> dict[str, Any]:
             "name": stage.name,
             "trials": stage.trials,
             "epochs": stage.epochs,
-            "pruner": dataclasses.asdict(stage.pruner),
+            "pruner": stage.pruner.table(),
             "sampler": dataclasses.asdict(stage.sampler),
             "fixed": dict(stage.fixed),
             "params": {key: param_table(p) for key, p in stage.params.items()},

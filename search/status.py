@@ -3,56 +3,88 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import optuna
 
-from search import registry
-from search.results import stage_status
+from search import snapshot
+from search.results import StageStatus, stage_status
 from search.space import Pipeline
 
 
-def status_dict(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> dict[str, Any]:
+def status_dict(
+    storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline,
+    statuses: list[StageStatus] | None = None,
+) -> dict[str, Any]:
     stages = []
-    for s in stage_status(storage, name, pipe):
+    snap = snapshot.read(storage, name, pipe)
+    statuses = statuses if statuses is not None else stage_status(storage, name, pipe)
+    for s, view in zip(statuses, snap.stages, strict=True):
         c = s.counts
         stages.append({
+            # Why trials did not complete, and hand-backs apart from failures (search/snapshot.py).
+            "outcomes": dict(view.reasons), "handed_back": view.handed_back,
+            "epochs_saved": view.epochs_saved, "why": snapshot.reasons_line(view),
             "stage": s.name, "budget": s.budget, "complete": c.complete, "pruned": c.pruned,
             "failed": c.failed, "running": c.running, "waiting": c.waiting,
             "best_value": s.best_value, "best_trial": s.best_trial, "carried": s.carried,
-            "seconds": round(s.seconds, 1),
+            "seconds": round(s.seconds, 1), "closed": s.closed, "exhausted": s.exhausted,
+            "not_beaten": s.not_beaten,
         })
     return {
         "study": name, "metric": pipe.metric, "direction": pipe.direction, "stages": stages,
         "workers": [
-            {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in w.items()}
-            for w in registry.list_workers(storage.engine, name)
+            {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in w.items()
+             if k != "trial"} | _current(w) for w in snap.workers
         ],
     }
 
 
+TRIAL_REF = re.compile(r"^[\w-]+#\d+$")  # "<stage>#<trial number>", as the worker notes it
+
+
+def _current(w: dict[str, Any]) -> dict[str, Any]:
+    """The worker's trial and epoch as its trial records them: fresher than its row, which its
+    heartbeat refreshes every few seconds."""
+    t = w.get("trial")
+    if t is not None:
+        return {"current": f"{t.stage}#{t.number}", "epoch": t.epoch}
+    # A trial named in the row has ended since; anything else is the worker's own word (waiting
+    # for a slot, why it stopped).
+    return {"current": ""} if TRIAL_REF.match(w["current"] or "") else {}
+
+
 def print_status(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> None:
-    info = status_dict(storage, name, pipe)
+    statuses = stage_status(storage, name, pipe)
+    info = status_dict(storage, name, pipe, statuses)
     print(f"study {name!r}: {pipe.metric} ({pipe.direction})")
     header = ("stage", "budget", "complete", "pruned", "failed", "running", "best", "time")
     rows = [header]
     for s in info["stages"]:
         best = "-" if s["best_value"] is None else f"{s['best_value']:.4f} (#{s['best_trial']})"
         rows.append((s["stage"], str(s["budget"]), str(s["complete"]), str(s["pruned"]),
-                     str(s["failed"]), str(s["running"] + s["waiting"]), best,
+                     str(s["failed"] - s["handed_back"]), str(s["running"] + s["waiting"]), best,
                      _duration(s["seconds"])))
     _table(rows)
-    for s in info["stages"]:
+    for s, st in zip(info["stages"], statuses, strict=True):
         if s["carried"]:
             print(f"  {s['stage']} carries: {json.dumps(s['carried'], sort_keys=True)}")
+        if st.verdict:
+            print(f"  {s['stage']} {st.verdict}")
+        if s["why"]:
+            print(f"  {s['stage']}: {s['why']}")
     workers = info["workers"]
     if workers:
         print()
-        rows = [("worker", "host", "pid", "device", "state", "trials", "last seen", "current")]
+        # `current`: the trial a running worker is on; for a stopped one, why it stopped.
+        rows = [("worker", "host", "pid", "device", "state", "trials", "last seen",
+                 "current / reason")]
         for w in workers:
             rows.append((str(w["id"]), w["host"], str(w["pid"]), w["device"], w["state"],
                          str(w["trials_done"]), f"{w['seconds_since_seen']:.0f}s ago",
-                         w["current"] or "-"))
+                         (f"{w['current']} epoch {w['epoch']}" if "epoch" in w
+                          else w["current"] or "-")))
         _table(rows)
 
 

@@ -23,8 +23,6 @@ from optuna.storages._rdb import models
 from optuna.trial import TrialState
 from sqlalchemy.engine import URL, make_url
 
-from search.retry import Requeue
-
 DEFAULT_URL = "sqlite:///hpo.db"  # in the working directory: the embedded default
 HEARTBEAT_SECONDS = int(os.environ.get("HPO_HEARTBEAT", "10"))
 GRACE_SECONDS = int(os.environ.get("HPO_GRACE", "40"))
@@ -148,7 +146,8 @@ def engine_kwargs(url: str) -> dict[str, Any]:
 
 
 def open_storage(url: str, *, create_schema: bool = False) -> optuna.storages.RDBStorage:
-    """Open the storage with heartbeats on and crashed trials re-queued once.
+    """Open the storage with heartbeats on (the worker's reaper, `search.beat`, fails and
+    re-queues the trials whose heartbeat went stale).
 
     Workers pass create_schema=False: they need only read/write rights, and a missing schema means
     `hpo create` has not run, which they report instead of creating tables.
@@ -163,7 +162,6 @@ def open_storage(url: str, *, create_schema: bool = False) -> optuna.storages.RD
             skip_table_creation=not create_schema,
             heartbeat_interval=HEARTBEAT_SECONDS,
             grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=Requeue(max_crash_retries=1),
         )
     except ImportError as e:
         raise StorageError(f"storage {redact(url)}: no driver for this database ({e})") from None

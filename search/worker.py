@@ -2,9 +2,14 @@
 until every stage's budget is spent, then exits 0.
 
 Data and a distillation teacher stay cached in the process between trials (the trainer's caches).
-A failing trial never ends the worker: OOM and divergence become pruned trials with a reason, any
-other error a failed one. SIGTERM stops the running trial at its next step, hands it back for
-another worker to resume from its last epoch checkpoint, and exits 0.
+A failing trial rarely ends the worker: OOM and divergence become pruned trials with a reason, any
+other error a failed one (ERROR_LIMIT in a row stop it: exit 1). SIGTERM stops the running trial
+at its next step, hands it back for another worker to resume from its last epoch checkpoint, and
+exits 0. A machine that cannot read the data hands its trial back the same way and exits 3.
+
+A stage's trials are budget slots (`search.budget`): when every slot is held, by trials running
+here and elsewhere or by one whose worker died, the worker waits (its beat thread reaps the dead
+one and queues its retry, which the loop then takes) until the stage closes.
 """
 
 from __future__ import annotations
@@ -23,18 +28,23 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from search import algorithms, objective, pipeline, registry
+from search import budget, objective, pipeline, registry, strategy
 from search.beat import Beat
 from search.claim import ask
-from search.retry import requeue, stage_closed
+from search.retry import hand_back
 from search.space import Pipeline, Stage
 from search.storage import open_storage, redact, set_user_attrs, with_retry
-from trainer.errors import Diverged, Interrupted, OutOfMemory
+from trainer.errors import DataUnavailable, Diverged, Interrupted, OutOfMemory
 
 log = logging.getLogger("hpo.worker")
 POLL_SECONDS = 2.0
 GPU_LOCK_DIR = os.environ.get("HPO_GPU_LOCK_DIR", "/tmp/hpo-gpu-locks")
 ERROR_LIMIT = 3  # a stage whose trials keep raising errors stops the worker after this many
+# Exit codes beside 0 (done, or stopped by a signal): 1, trials kept raising errors; NO_DATA, this
+# machine cannot read the dataset (an unmounted share, say). Neither is cured by starting the
+# worker again at once, which is why the compose file caps its restarts.
+EXIT_ERRORS = 1
+EXIT_NO_DATA = 3
 
 
 def rss_mb() -> float:
@@ -71,7 +81,9 @@ class Worker:
         self.stop = threading.Event()
         self.worker_id = 0
         self.trials_done = 0
-        self.gave_up = False  # ERROR_LIMIT trials in a row raised errors
+        self.exit_code = 0  # non-zero: why this worker stopped before the pipeline was done
+        self.reason = ""  # ... in words, for `hpo status`
+        self.error = ""  # the last trial error
         self._studies: list[optuna.Study] = []
 
     def run(self) -> int:
@@ -83,61 +95,73 @@ class Worker:
         self._studies = with_retry("load stages", lambda: [
             pipeline.load_stage_study(self.storage, self.study, s) for s in self.pipeline.stages
         ])
-        state = "failed"
+        state, reason = "failed", "stopped by an error in the worker"
         try:
             with Beat(self.storage, self.worker_id, lambda: self._studies) as beat:
                 for index, stage in enumerate(self.pipeline.stages):
                     if not self._run_stage(index, stage, beat):
                         break
-                else:
-                    self._drain(beat)
-            if self.gave_up:
+            if self.exit_code:
                 # Non-zero, so `hpo run`, a restart policy and whoever reads the exit code see
-                # that this worker stopped because its trials fail, not because the search is done.
-                return 1
-            state = "stopped" if self.stop.is_set() else "done"
+                # that this worker stopped for a reason of its own, not because the search is done.
+                reason = self.reason
+                return self.exit_code
+            state, reason = ("stopped", "") if self.stop.is_set() else ("done", "")
             return 0
         finally:
             with_retry("sign off", lambda: registry.touch_worker(
-                self.storage.engine, self.worker_id, state=state, current="",
+                self.storage.engine, self.worker_id, state=state, current=reason[:256],
                 trials_done=self.trials_done))
 
     def _run_stage(self, index: int, stage: Stage, beat: Beat) -> bool:
-        """Run trials of `stage` until its budget is spent; False when the worker must stop."""
-        if index > 0 and not self._wait_closed(self.pipeline.stages[index - 1]):
-            return False
+        """Run trials of `stage` until it closes (`search.budget`); False when the worker must
+        stop. Every stage before it is closed: this loop is the only way past one."""
         opened = with_retry("open stage", lambda: pipeline.open_stage(
             self.storage, self.study, self.pipeline, index))
         study = with_retry("load stage", lambda: pipeline.load_stage_study(
             self.storage, self.study, stage,
-            # Optuna's TPE and median pruner, with reads that stay cheap as the study grows.
-            sampler=algorithms.TPESampler(
-                n_startup_trials=stage.sampler.startup_trials, multivariate=True, group=True,
-                constant_liar=True, seed=self.worker_id * 1_000 + index,
-            ),
-            pruner=algorithms.MedianPruner(
-                n_startup_trials=stage.pruner.startup_trials,
-                n_warmup_steps=stage.pruner.warmup_epochs,
-            ),
+            sampler=strategy.make_sampler(stage, seed=self.worker_id * 1_000 + index),
+            pruner=strategy.make_pruner(stage),
         ))
         ctx = objective.TrialContext(
             study=self.study, pipeline=self.pipeline, stage=stage, carried=opened.carried,
             artifacts=self.artifacts, device=self.device,
             worker=f"{socket.gethostname()}:{os.getpid()}#{self.worker_id}", fault=self.fault,
         )
-        errors = 0
+        errors, idle = 0, False
         while not self.stop.is_set():
-            counts = with_retry("count trials", lambda: pipeline.counts(study))
-            if counts.finished >= stage.trials and counts.waiting == 0:
-                return True
-            trial = ask(study, counts.waiting)  # exactly once, retried through an outage
-            state = self._run_trial(study, trial, ctx, beat)
-            if state == "error":
+            trial = ask(study)  # exactly once, within the budget, retried through an outage
+            if trial is None:
+                counts, limit = with_retry("count trials", lambda: pipeline.stage_state(study))
+                if budget.closed(counts, limit):
+                    if budget.exhausted(counts, limit) and counts.finished < stage.trials:
+                        log.info("stage %s: all %d configurations of its space are trained;"
+                                 " closed early", stage.name, counts.configurations)
+                    return True
+                if not idle:
+                    # A slot is held by a trial running elsewhere, perhaps one whose worker died:
+                    # the reaper (in our beat thread too) fails it and queues its retry, which
+                    # this loop then takes.
+                    log.info("stage %s: every slot of %s is held (%d running); waiting for one",
+                             stage.name, limit.trials, counts.running)
+                    beat.note(current=f"{stage.name}: waiting for a slot")
+                    idle = True
+                self.stop.wait(POLL_SECONDS)
+                continue
+            idle = False
+            outcome = self._run_trial(study, trial, ctx, beat)
+            if outcome == "no data":
+                self.exit_code, self.reason = EXIT_NO_DATA, f"cannot read the data: {self.error}"
+                return False
+            if outcome == "duplicate":
+                continue  # not the configuration's fault, nor a reason to stop
+            if outcome == "error":
                 errors += 1
                 if errors >= ERROR_LIMIT:
                     log.error("stage %s: %d trials in a row raised errors; stopping this worker",
                               stage.name, errors)
-                    self.gave_up = True
+                    self.exit_code = EXIT_ERRORS
+                    self.reason = f"{errors} trials in a row raised errors: {self.error}"
                     return False
             else:
                 errors = 0
@@ -160,7 +184,7 @@ class Worker:
                         " is queued", ctx.stage.name, trial.number)
         finally:
             beat.watch(None)
-        if outcome not in ("interrupted", "taken over"):
+        if outcome not in ("interrupted", "taken over", "no data", "duplicate"):
             # Only a handed-back or re-queued trial resumes; others' optimizer state is dead weight.
             (objective.checkpoint_dir(ctx, trial) / objective.LAST_CHECKPOINT).unlink(
                 missing_ok=True)
@@ -180,23 +204,31 @@ class Worker:
         except optuna.TrialPruned:
             outcome = "pruned"
             self._tell(study, trial, TrialState.PRUNED)
+        except objective.Duplicate as e:
+            # Failed, so it gives its slot back; the next trial samples knowing the holder.
+            outcome = "duplicate"
+            self._tell(study, trial, TrialState.FAIL, fail_reason="duplicate", error=str(e))
         except (OutOfMemory, Diverged) as e:
             outcome = "oom" if isinstance(e, OutOfMemory) else "diverged"
             self._tell(study, trial, TrialState.PRUNED, fail_reason=outcome, error=str(e))
-        except Interrupted as e:
-            outcome = "interrupted"
-            self._tell(study, trial, TrialState.FAIL, fail_reason="interrupted", error=str(e))
+        except (Interrupted, DataUnavailable) as e:
+            # Not the configuration's fault: the worker was told to stop, or this machine cannot
+            # read the data. The trial goes back to the queue, keeping its slot, for another
+            # worker to resume from its last epoch checkpoint.
+            outcome = "interrupted" if isinstance(e, Interrupted) else "no data"
+            self.error = str(e)
+            self._record(trial, fail_reason="interrupted" if outcome == "interrupted"
+                         else "no data", error=str(e))
             frozen = with_retry("read trial", lambda: study._storage.get_trial(trial._trial_id))
-            if not with_retry("check stage", lambda: stage_closed(study)):
-                requeue(study, frozen, crashed=False)
+            with_retry("hand back", lambda: hand_back(study, frozen))
         except optuna.exceptions.UpdateFinishedTrialError:
             raise
         except Exception as e:  # a bad config, a bug, a broken file: record it and go on
             outcome = "error"
+            self.error = f"{type(e).__name__}: {e}"
             log.error("stage %s trial %d failed:\n%s", ctx.stage.name, trial.number,
                       traceback.format_exc())
-            self._tell(study, trial, TrialState.FAIL, fail_reason="error",
-                       error=f"{type(e).__name__}: {e}")
+            self._tell(study, trial, TrialState.FAIL, fail_reason="error", error=self.error)
         return outcome
 
     def _tell(
@@ -204,40 +236,15 @@ class Worker:
         value: float | None = None, **attrs: Any,
     ) -> None:
         """Record `attrs` on the trial, then finish it in `state`."""
+        self._record(trial, **attrs)
+        # skip_if_finished: the reaper may have failed it during an outage (its retry is queued).
+        with_retry("tell", lambda: study.tell(trial, value, state=state, skip_if_finished=True))
+
+    def _record(self, trial: optuna.Trial, **attrs: Any) -> None:
         # The worker's memory after each trial: a leak across many trials (OOM retries, cached
         # data) shows up as a rising line in the dashboard.
         attrs["worker_rss_mb"] = round(rss_mb(), 1)
         with_retry(f"set {', '.join(attrs)}", lambda: set_user_attrs(trial, attrs))
-        # skip_if_finished: the reaper may have failed it during an outage (its retry is queued).
-        with_retry("tell", lambda: study.tell(trial, value, state=state, skip_if_finished=True))
-
-    def _wait_closed(self, stage: Stage) -> bool:
-        """Block until `stage` has spent its budget (other workers may still be finishing it)."""
-        study = with_retry("load stage", lambda: pipeline.load_stage_study(
-            self.storage, self.study, stage))
-        while not self.stop.is_set():
-            if with_retry("count trials", lambda: pipeline.counts(study)).finished >= stage.trials:
-                return True
-            self.stop.wait(POLL_SECONDS)
-        return False
-
-    def _drain(self, beat: Beat) -> None:
-        """Before exiting, wait until no trial of the pipeline runs or waits anywhere: a trial
-        orphaned by a dead worker is failed by our reaper, or picked up again, before we leave."""
-        while not self.stop.is_set():
-            busy = 0
-            for index, study in enumerate(self._studies):
-                counts = with_retry("count trials", lambda s=study: pipeline.counts(s))
-                if counts.waiting:
-                    # Re-queued after we finished that stage: the normal loop runs waiting trials
-                    # even when the budget is spent.
-                    self._run_stage(index, self.pipeline.stages[index], beat)
-                    if self.gave_up:
-                        return
-                busy += counts.running + counts.waiting
-            if busy == 0:
-                return
-            self.stop.wait(POLL_SECONDS)
 
     def _install_signals(self) -> None:
         def handler(signum: int, _frame: FrameType | None) -> None:

@@ -22,6 +22,9 @@ CLASS_WEIGHTS = ("none", "balanced")
 LOADERS = ("auto", "memory", "stream")
 
 
+DATASETS = ("digits", "cifar10", "cifar100", "synthetic", "digits-hard", "synthetic-hard")
+
+
 class ConfigError(ValueError):
     """A config field is unknown or holds a bad value; the message names the field."""
 
@@ -29,7 +32,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class TrainConfig:
     # --- data ---
-    dataset: str = "digits"  # digits | cifar10 | cifar100 | imagefolder:<path> | synthetic
+    dataset: str = "digits"  # one of DATASETS, or imagefolder:<path>
     data_root: str = "data"  # folder holding CIFAR (torchvision layout)
     download: bool = False  # CIFAR only: fetch it into data_root if absent (never implicit)
     image_size: int = 0  # pixels per side; 0 = the dataset's own (digits 8, CIFAR 32, folder 64)
@@ -174,13 +177,12 @@ def _check_value(name: str, value: Any) -> None:
             hi = "]" if high_in else ")"
             raise ConfigError(f"{name}: {value!r} is outside {lo}{low}, {high}{hi}")
     if name == "dataset":
-        ok = value in ("digits", "cifar10", "cifar100", "synthetic") or (
+        ok = value in DATASETS or (
             value.startswith("imagefolder:") and len(value) > len("imagefolder:")
         )
         if not ok:
             raise ConfigError(
-                f"dataset: {value!r} is not digits, cifar10, cifar100, synthetic"
-                " or imagefolder:<path>"
+                f"dataset: {value!r} is not {', '.join(DATASETS)} or imagefolder:<path>"
             )
     if name == "device" and not (value in ("auto", "cpu", "cuda") or _is_cuda_index(value)):
         raise ConfigError(f"device: {value!r} is not auto, cpu, cuda or cuda:N")

@@ -294,6 +294,7 @@ def _load(cfg: TrainConfig, device: torch.device) -> ImageData:
         val_fraction=cfg.val_fraction,
         test_fraction=cfg.test_fraction,
         official_test=source.official_test,
+        groups=source.groups,
     )
     if len(splits["train"]) == 0:
         raise ConfigError(

@@ -24,14 +24,13 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 from trainer.config import ConfigError, TrainConfig
+from trainer.errors import DataUnavailable
+from trainer.sources import FOLDER_SIZE, SYNTHETIC_SIZE, list_folder
 
 # The extensions torchvision's ImageFolder accepts, so a tree that works there works here.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
-FOLDER_SIZE = 64  # pixels per side of image-folder images when cfg.image_size is 0
 SYNTHETIC_COUNT = 2048
 SYNTHETIC_CLASSES = 10
-SYNTHETIC_SIZE = 32
 _RESIZE_CHUNK = 1024  # images per interpolate call: bounds the float32 temporaries
 
 
@@ -46,6 +45,8 @@ class Source:
     images: Tensor | None  # uint8 (N, C, S, S) on the CPU, or None when streamed from `paths`
     paths: list[str] | None  # one file per image, for image folders
     official_test: int  # the last `official_test` images are the dataset's own test set
+    # Images with equal group ids always land in the same split (copies of one original).
+    groups: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -63,6 +64,8 @@ def read_source(cfg: TrainConfig, decode: bool = True) -> Source:
         source = _cifar(cfg.dataset, cfg.data_root, cfg.download)
     elif cfg.dataset == "synthetic":
         source = _synthetic(cfg.image_size or SYNTHETIC_SIZE)
+    elif cfg.dataset in ("digits-hard", "synthetic-hard"):
+        source = _hard(cfg.dataset)
     elif cfg.dataset.startswith("imagefolder:"):
         return _folder(cfg.dataset.removeprefix("imagefolder:"), cfg.image_size, decode)
     else:
@@ -120,12 +123,12 @@ def _cifar(name: str, root: str, download: bool) -> Source:
             if download
             else "pass download=true (--download) to fetch it"
         )
-        raise ConfigError(
+        raise DataUnavailable(
             f"dataset {name}: {folder!r} is missing or incomplete; {hint}, or put"
             f" {kind.base_folder} in {root!r} ({error})"
         ) from error
     except OSError as error:  # the download itself failed (no network, no space)
-        raise ConfigError(
+        raise DataUnavailable(
             f"dataset {name}: downloading into {root!r} failed ({error}); put"
             f" {kind.base_folder} there by hand"
         ) from error
@@ -142,6 +145,21 @@ def _cifar(name: str, root: str, download: bool) -> Source:
         paths=None,
         official_test=len(test.targets),
     )
+
+
+def _hard(name: str) -> Source:
+    from trainer import hard_tasks
+
+    groups = None
+    if name == "digits-hard":
+        images, labels, groups = hard_tasks.digits_hard()
+        classes, channels, flip = [str(c) for c in range(10)], 1, False
+    else:
+        images, labels = hard_tasks.synthetic_hard()
+        classes, channels, flip = [f"class{c}" for c in range(10)], 3, False
+    return Source(name=name, classes=classes, in_channels=channels,
+                  image_size=hard_tasks.HARD_SIZE, flip_safe=flip, labels=labels, images=images,
+                  paths=None, official_test=0, groups=groups)
 
 
 def _synthetic(size: int) -> Source:
@@ -181,28 +199,7 @@ def _synthetic(size: int) -> Source:
 
 
 def _folder(root: str, image_size: int, decode: bool) -> Source:
-    if not os.path.isdir(root):
-        raise ConfigError(f"dataset imagefolder: {root!r} is not a folder")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise ConfigError(
-            f"dataset imagefolder: {root!r} has no class sub-folders; expected"
-            f" {root}/<class>/<image>.png"
-        )
-    paths: list[str] = []
-    labels: list[int] = []
-    empty: list[str] = []
-    for index, name in enumerate(classes):
-        files = list_images(os.path.join(root, name))
-        if not files:
-            empty.append(name)
-        paths += files
-        labels += [index] * len(files)
-    if empty:
-        raise ConfigError(
-            f"dataset imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) in"
-            f" {', '.join(os.path.join(root, e) for e in empty)}"
-        )
+    classes, paths, labels = list_folder(root)
     size = image_size or FOLDER_SIZE
     return Source(
         name=f"imagefolder:{root}",
@@ -217,19 +214,6 @@ def _folder(root: str, image_size: int, decode: bool) -> Source:
     )
 
 
-def list_images(folder: str) -> list[str]:
-    """Image files under `folder`, recursively, in a fixed (sorted) order."""
-    found = []
-    for parent, dirs, files in os.walk(folder, followlinks=True):
-        dirs.sort()
-        found += [os.path.join(parent, f) for f in sorted(files) if _is_image(f)]
-    return found
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
 def decode_image(path: str, size: int) -> Tensor:
     """One file as uint8 (3, size, size): RGB, squashed to a square by a bilinear resize."""
     from PIL import Image
@@ -242,7 +226,8 @@ def decode_image(path: str, size: int) -> Tensor:
                 rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
             array = np.asarray(rgb, dtype=np.uint8)
     except OSError as error:
-        raise ConfigError(f"dataset imagefolder: cannot read image {path!r}: {error}") from error
+        raise DataUnavailable(
+            f"dataset imagefolder: cannot read image {path!r}: {error}") from error
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
@@ -265,9 +250,16 @@ def split_indices(
     val_fraction: float,
     test_fraction: float,
     official_test: int = 0,
+    groups: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Sorted train/val/test indices: test carved first (or the trailing official test images),
-    then val from the rest; stratified by label where every class allows it."""
+    then val from the rest; stratified by label where every class allows it. With `groups`,
+    whole groups are carved (every image of a group in one split)."""
+    if groups is not None:
+        ids, first = np.unique(groups, return_index=True)
+        parts = split_indices(labels[first], split_seed=split_seed, val_fraction=val_fraction,
+                              test_fraction=test_fraction)
+        return {name: np.flatnonzero(np.isin(groups, ids[part])) for name, part in parts.items()}
     everything = np.arange(len(labels))
     if official_test:
         pool, test = everything[:-official_test], everything[-official_test:]

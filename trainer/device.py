@@ -40,6 +40,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def spread(name: str, workers: int, gpus: int) -> list[str]:
+    """The device of each of `workers` local worker processes (`hpo run`) on a machine with
+    `gpus` CUDA devices. `auto` and `cuda` go round the GPUs (worker i on cuda:i mod gpus), so
+    4 workers on 4 GPUs use all four rather than four times cuda:0; with no GPU `auto` is the
+    CPU. An explicit `cuda:N`, `cuda:free` or `cpu` is what every worker gets."""
+    if name in ("auto", "cuda") and gpus > 0:
+        return [f"cuda:{i % gpus}" for i in range(workers)]
+    return [name] * workers
+
+
+def local_devices(name: str, workers: int) -> list[str]:
+    """`spread` over this machine's GPUs."""
+    gpus = torch.cuda.device_count() if name in ("auto", "cuda") else 0
+    return spread(name, workers, gpus)
+
+
 def resolve_runtime(device_name: str, amp: str) -> Runtime:
     device = resolve_device(device_name)
     cuda = device.type == "cuda"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from trainer.config import ConfigError
+
 
 class TrainError(RuntimeError):
     """Base of the trainer's own failures."""
@@ -31,3 +33,10 @@ class Interrupted(TrainError):
     def __init__(self, last_epoch: int) -> None:
         super().__init__(f"interrupted; the last checkpoint is of epoch {last_epoch}")
         self.last_epoch = last_epoch
+
+
+class DataUnavailable(ConfigError):
+    """The dataset cannot be read on this machine: a folder that is not there (an unmounted
+    share), no class folders or images in it, CIFAR's files missing. A user error for
+    `python -m trainer`; for a worker, a reason to hand its trial back and stop, since another
+    machine may read the data."""

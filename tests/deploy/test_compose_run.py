@@ -185,13 +185,10 @@ def test_compose_services_run_a_staged_search_as_local_processes(
         grace = grace_seconds(str(compose.file["services"]["worker"]["stop_grace_period"]))
         stopped = wait_for(worker_logs, r"epoch 1/2", workers, PIPELINE_SECONDS)
         workers[stopped].send_signal(signal.SIGTERM)
-        sent = time.monotonic()
+        # Within the grace period compose gives it before SIGKILL (wait raises past it).
         code = workers[stopped].wait(grace)
-        took = time.monotonic() - sent
         assert code == 0, worker_logs[stopped].read_text()[-3000:]
         assert "handing the trial back" in worker_logs[stopped].read_text()
-        # Well inside the grace period compose gives it before SIGKILL.
-        assert took < grace / 2, f"the worker took {took:.0f}s of its {grace:.0f}s to stop"
 
         deadline = time.monotonic() + PIPELINE_SECONDS
         for i, proc in enumerate(workers):
@@ -205,10 +202,19 @@ def test_compose_services_run_a_staged_search_as_local_processes(
     storage = open_storage(pg_url)
     pipe = pipeline.load(storage, STUDY)
     assert pipe.stages and [s.name for s in pipe.stages] == ["optimizer", "regularization"]
+    handed_back = []
     for stage in pipe.stages:
-        counts = pipeline.counts(pipeline.load_stage_study(storage, STUDY, stage))
-        assert counts.finished >= stage.trials, (stage.name, counts)
+        study = pipeline.load_stage_study(storage, STUDY, stage)
+        counts = pipeline.counts(study)
+        assert counts.finished == stage.trials, (stage.name, counts)
         assert counts.running == counts.waiting == 0, (stage.name, counts)
+        trials = study.get_trials()
+        for t in trials:
+            if t.user_attrs.get("fail_reason") == "interrupted":
+                (retry,) = [r for r in trials if r.user_attrs.get("retry_of") == t.number]
+                handed_back.append((t.params == retry.params, retry.state.name))
+    # The stopped worker's trial was handed back and finished by another worker.
+    assert handed_back == [(True, "COMPLETE")], handed_back
     # What `docker compose logs -f worker` shows: per-epoch progress of each trial.
     assert any(re.search(r"stage regularization trial \d+ epoch 2/2: val_acc", log.read_text())
                for log in worker_logs)

@@ -250,7 +250,9 @@ def test_workers_reserve_gpus_restart_on_failure_and_have_time_to_checkpoint() -
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])
                and d.get("count") == "all" for d in devices), devices
-    assert str(worker["restart"]).startswith("on-failure")
+    # Restarted after a crash, but not forever: a worker without data exits 3 again at once.
+    policy, _, retries = str(worker["restart"]).partition(":")
+    assert policy == "on-failure" and 1 <= int(retries) <= 10, worker["restart"]
     assert _grace_seconds(str(worker["stop_grace_period"])) >= MIN_GRACE_SECONDS
     assert worker["depends_on"]["create"]["condition"] == "service_completed_successfully"
     assert "replicas" not in worker.get("deploy", {}), "a fixed count would fight --scale"
@@ -281,6 +283,9 @@ def test_create_runs_once_after_postgres_is_healthy() -> None:
     assert str(create.get("restart", "no")) == "no"
     space = create["command"][create["command"].index("--space") + 1]
     assert any(space.startswith(target + "/") for target in volume_targets(create))
+    # It checks the dataset before a worker starts, so it sees the workers' data folder.
+    worker = service(compose, "worker", ENVS["env.example"])
+    assert volume_targets(create)["/data"] == volume_targets(worker)["/data"]
 
 
 @pytest.mark.parametrize("name", HPO_SERVICES)

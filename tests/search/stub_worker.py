@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -25,6 +26,9 @@ from trainer.config import TrainConfig
 from trainer.errors import Interrupted
 
 EPOCH_SECONDS = float(os.environ.get("STUB_EPOCH_SECONDS", "0"))
+# A configuration that kills its worker: the trial whose first attempt had this number (its
+# checkpoint folder, trial-NNNNN) SIGKILLs the process at its first epoch, every attempt.
+KILL_ROOT = os.environ.get("STUB_KILL_ROOT", "")
 BEST = "best.pt"  # trainer.checkpoint.BEST (importing that module imports torch)
 
 
@@ -62,6 +66,8 @@ def stub_train(
     # A smooth, deterministic response surface: best near lr = 0.1.
     acc = math.exp(-(math.log10(cfg.lr) + 1.0) ** 2)
     history = []
+    if KILL_ROOT and Path(cfg.checkpoint_dir).name == f"trial-{int(KILL_ROOT):05d}":
+        os.kill(os.getpid(), signal.SIGKILL)
     for epoch in range(1, cfg.epochs + 1):
         time.sleep(EPOCH_SECONDS)
         if stop is not None and stop.is_set():

@@ -63,7 +63,7 @@ def test_ask_whose_commit_reply_is_lost_takes_one_trial(
         requeue(direct, first, crashed=False)
     proxy.lose_commit_reply(b"UPDATE trials SET state" if queued else b"INSERT INTO trials ")
     with caplog.at_level(logging.WARNING, logger="search"):
-        trial = ask(study, waiting=int(queued))
+        trial = ask(study)
     assert proxy.lost.is_set(), "the fault was not injected"
     assert "was taken before the connection dropped" in caplog.text, caplog.text
     assert _beats(direct, trial._trial_id) == 1, "a taken trial has its first beat"
@@ -135,7 +135,7 @@ def test_suggest_whose_commit_reply_is_lost_trains_the_stored_value(
     start-up trials sample at random) whose write the database drops against the stored one."""
     direct, study, proxy = studies
     study.sampler = optuna.samplers.RandomSampler()
-    trial = ask(study, waiting=0)
+    trial = ask(study)
     proxy.lose_commit_reply(b"INSERT INTO trial_params ")
     value = suggest_once(trial, "x", FloatParam(0.0, 1.0))
     assert proxy.lost.is_set(), "the fault was not injected"
@@ -150,7 +150,7 @@ def test_upload_whose_commit_reply_is_lost_lists_the_checkpoint_once(
     """Optuna records an artifact on the trial before it copies the file: retried after a lost
     reply, it would list the checkpoint twice, once with no file behind it."""
     direct, study, proxy = studies
-    trial = ask(study, waiting=0)
+    trial = ask(study)
     checkpoint = tmp_path / "best.pt"
     checkpoint.write_bytes(b"weights")
     (tmp_path / "store").mkdir()

@@ -185,7 +185,7 @@ def test_one_read_of_the_study_per_ask(pg_url: str, ours: bool) -> None:
     _CachedStorage._read_trials_from_remote_storage = counted  # type: ignore[method-assign]
     try:
         for _ in range(3):
-            trial = ask(study, waiting=0) if ours else study.ask()
+            trial = ask(study) if ours else study.ask()
             _suggest(trial)
             study.tell(trial, 0.5)
             assert len(reads) == 1 if ours else len(reads) >= 3, reads

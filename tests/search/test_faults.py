@@ -57,29 +57,47 @@ def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 300) ->
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _running_on(study: optuna.Study, pid: int, epochs: int) -> optuna.trial.FrozenTrial | None:
+    """The trial worker `pid` runs, once it has reported `epochs` epochs."""
+    for t in study.get_trials(states=(TrialState.RUNNING,)):
+        on_it = f":{pid}#" in str(t.user_attrs.get("worker", ""))
+        if on_it and len(t.intermediate_values) >= epochs:
+            return t
+    return None
+
+
 def test_sigkilled_worker_trial_is_retried_from_its_checkpoint(pg_url: str, tmp_path: Path) -> None:
+    """Two workers on a stage of budget 4; one is SIGKILLed mid-trial. However fast the other
+    trains, the dead trial keeps its budget slot until the reaper fails it, and its retry takes
+    that slot: the stage ends with exactly 4 finished trials, one of them the retry, resumed from
+    the killed attempt's checkpoint."""
     # Every epoch on disk: by default a crash loses up to 30 s of training, all of these trials.
-    space = _one_stage(tmp_path, trials=2, epochs=6, width=0.5, fixed="checkpoint_seconds = 0")
+    space = _one_stage(tmp_path, trials=4, epochs=6, width=0.5, fixed="checkpoint_seconds = 0")
     assert hpo("create", "--space", str(space), "--study", "k", url=pg_url,
                cwd=tmp_path).returncode == 0
     study = _study(pg_url, "k")
     victim = start_worker("k", url=pg_url, cwd=tmp_path, log=tmp_path / "victim.log")
-
-    def mid_trial() -> bool:
-        running = study.get_trials(states=(TrialState.RUNNING,))
-        return bool(running) and len(running[0].intermediate_values) >= 2
-
-    _wait_for(mid_trial, "the victim to report two epochs")
+    # The other worker starts once the victim holds a trial, so the victim has one to die in
+    # however the two start-ups race.
+    _wait_for(lambda: _running_on(study, victim.pid, 0) is not None, "the victim to take a trial")
+    other = start_worker("k", url=pg_url, cwd=tmp_path, log=tmp_path / "other.log")
+    _wait_for(lambda: _running_on(study, victim.pid, 2) is not None,
+              "the victim to report two epochs")
+    number = _running_on(study, victim.pid, 2).number  # type: ignore[union-attr]
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
-    killed = study.get_trials(states=(TrialState.RUNNING,))[0]
+    # What the killed attempt had reported when it died (read after the kill: it may have
+    # reported another epoch between the look above and the signal).
+    killed = study.get_trials()[number]
+    assert killed.state == TrialState.RUNNING
     reported = max(killed.intermediate_values)
 
-    rescuer = start_worker("k", url=pg_url, cwd=tmp_path, log=tmp_path / "rescuer.log")
-    assert rescuer.wait(timeout=600) == 0, (tmp_path / "rescuer.log").read_text()[-3000:]
+    assert other.wait(timeout=600) == 0, (tmp_path / "other.log").read_text()[-3000:]
 
     trials = study.get_trials()
     assert trials[killed.number].state == TrialState.FAIL
+    counts = pipeline.counts(study)
+    assert (counts.finished, counts.running, counts.waiting) == (4, 0, 0), counts
     retries = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
     assert len(retries) == 1, "retried exactly once"
     retry = retries[0]
@@ -89,8 +107,9 @@ def test_sigkilled_worker_trial_is_retried_from_its_checkpoint(pg_url: str, tmp_
     # (the checkpoint is written just before each report, so it may be one epoch ahead).
     assert min(retry.intermediate_values) in (reported + 1, reported + 2)
     assert max(retry.intermediate_values) == 6
-    counts = pipeline.counts(study)
-    assert counts.finished >= 2 and counts.running == counts.waiting == 0
+    # The slot passed from the dead trial to its retry: no trial was created after the victim
+    # died except the retry, so the trials are the 4 slots plus the one failed attempt.
+    assert len(trials) == 5
 
 
 def test_sigterm_hands_the_trial_back_and_exits_zero(pg_url: str, tmp_path: Path) -> None:
@@ -179,19 +198,91 @@ def test_twenty_oom_trials_do_not_grow_the_worker(pg_url: str, tmp_path: Path) -
 
 
 def test_worker_whose_trials_keep_failing_exits_nonzero(pg_url: str, tmp_path: Path) -> None:
-    """The data folder is gone on this worker's machine (an unmounted share, say): every trial
-    raises, and after ERROR_LIMIT in a row the worker stops, marked failed, with exit code 1
-    rather than the 0 of a finished search."""
-    images = tmp_path / "images"
-    space = write_space(tmp_path / "gone.toml", ONE_STAGE.format(trials=6, epochs=1, width=0.25)
-                        .replace('"digits"', f'"imagefolder:{images}"'))
+    """Every trial raises (a corrupt pretrained-weights file): after ERROR_LIMIT in a row the
+    worker stops, marked failed with its reason, with exit code 1 rather than the 0 of a
+    finished search."""
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"not a state dict")
+    space = _one_stage(tmp_path, trials=6, epochs=1, fixed=f'pretrained = "{weights}"')
     assert hpo("create", "--space", str(space), "--study", "g", url=pg_url,
                cwd=tmp_path).returncode == 0
     worker = start_worker("g", url=pg_url, cwd=tmp_path, log=tmp_path / "w.log")
     assert worker.wait(timeout=300) == 1, (tmp_path / "w.log").read_text()[-3000:]
     trials = _study(pg_url, "g").get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * ERROR_LIMIT
-    assert all(t.user_attrs["fail_reason"] == "error" and "is not a folder" in
-               t.user_attrs["error"] for t in trials)
+    assert all(t.user_attrs["fail_reason"] == "error" and "weights.pt" in t.user_attrs["error"]
+               for t in trials)
     status = json.loads(hpo("status", "g", "--json", url=pg_url, cwd=tmp_path).stdout)
-    assert [(w["state"], w["trials_done"]) for w in status["workers"]] == [("failed", ERROR_LIMIT)]
+    (row,) = status["workers"]
+    assert (row["state"], row["trials_done"]) == ("failed", ERROR_LIMIT)
+    assert row["current"].startswith(f"{ERROR_LIMIT} trials in a row raised errors")
+
+
+def _image_folder(root: Path, classes: int = 2, per_class: int = 12) -> Path:
+    from PIL import Image
+
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (16, 16), (40 * c + i, 200 - 60 * c, 90)).save(
+                root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_worker_that_cannot_read_the_data_hands_back_and_stops(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The data was there at `hpo create` but not on this worker's machine (an unmounted share):
+    the worker hands its trial back instead of failing it, exits 3 (which the compose file does
+    not restart forever), and says why in `hpo status`. A worker that can read the data then
+    resumes the queued trial, and the stage ends with exactly its budget."""
+    images = _image_folder(tmp_path / "images")
+    space = write_space(tmp_path / "folder.toml", ONE_STAGE.format(trials=2, epochs=1, width=0.25)
+                        .replace('"digits"', f'"imagefolder:{images}"')
+                        .replace("[fixed]", "[fixed]\n    image_size = 16"))
+    assert hpo("create", "--space", str(space), "--study", "d", url=pg_url,
+               cwd=tmp_path).returncode == 0
+    images.rename(tmp_path / "unmounted")
+    worker = start_worker("d", url=pg_url, cwd=tmp_path, log=tmp_path / "w.log")
+    assert worker.wait(timeout=300) == 3, (tmp_path / "w.log").read_text()[-3000:]
+    study = _study(pg_url, "d")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[0].user_attrs["fail_reason"] == "no data"
+    assert trials[1].user_attrs["retry_of"] == 0 and trials[1].user_attrs["crashes"] == 0
+    status = json.loads(hpo("status", "d", "--json", url=pg_url, cwd=tmp_path).stdout)
+    (row,) = status["workers"]
+    assert row["state"] == "failed"
+    assert row["current"].startswith("cannot read the data:") and "not a folder" in row["current"]
+
+    (tmp_path / "unmounted").rename(images)
+    worker = start_worker("d", url=pg_url, cwd=tmp_path, log=tmp_path / "w2.log")
+    assert worker.wait(timeout=300) == 0, (tmp_path / "w2.log").read_text()[-3000:]
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 2
+    assert trials[1].params == trials[0].params
+
+
+DATA_PROBLEMS = {
+    "missing folder": ('"imagefolder:{tmp}/nowhere"', "", "is not a folder"),
+    "one class": ('"imagefolder:{tmp}/one"', "", "at least two"),
+    "cifar absent": ('"cifar10"', 'data_root = "{tmp}/cifar"', "download = true"),
+    "crop larger than images": ('"digits"', "crop_pad = 8", "crop_pad"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATA_PROBLEMS))
+def test_create_refuses_data_it_cannot_read(pg_url: str, tmp_path: Path, case: str) -> None:
+    dataset, fixed, named = (x.format(tmp=tmp_path) for x in DATA_PROBLEMS[case])
+    _image_folder(tmp_path / "one", classes=1, per_class=2)
+    text = ONE_STAGE.format(trials=2, epochs=1, width=0.25).replace('"digits"', dataset)
+    text = text.replace("crop_pad = 1", fixed) if fixed.startswith("crop_pad") else \
+        text.replace("[fixed]", f"[fixed]\n    {fixed}")
+    space = write_space(tmp_path / "data.toml", text)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = hpo("create", "--space", str(space), "--study", "x", url=pg_url, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("hpo: error: ") and named in line, line
+    assert table_names(pg_url) == []  # the database as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # and the disk

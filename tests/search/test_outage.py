@@ -5,6 +5,7 @@ twice."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -29,8 +30,14 @@ SPACE = """
     [stage.params]
     lr = {{ low = 0.001, high = 1.0, log = true }}
 """
-# Beats every second, a trial declared dead after 10 s without one: a 3 s blip is well inside.
+# Beats every second, a trial declared dead after 10 s without one.
 BEATS = {"HPO_HEARTBEAT": "1", "HPO_GRACE": "10", "STUB_EPOCH_SECONDS": "0.5"}
+# For the blip: 3 s without the database against a grace of 60 s. A beat resumes within a
+# second or two of the network (the beat thread retries every second), so a machine five times
+# slower still beats long before the grace ends; nothing dies in that test, so the long grace
+# costs no time.
+BLIP_SECONDS = 3
+BLIP_BEATS = {**BEATS, "HPO_GRACE": "60"}
 
 
 def _trials(url: str) -> list:
@@ -55,15 +62,11 @@ def _check_nothing_lost(url: str, trials: int, workers: int) -> list:
     states = [t.state for t in ran]
     assert TrialState.RUNNING not in states and TrialState.WAITING not in states
     finished = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
-    assert trials <= finished <= trials + workers - 1
-    # A failed trial is an orphan of the outage: it must have been retried, unless the stage's
-    # budget was already spent when it failed (then a retry would only be overshoot).
-    done = [t.datetime_complete for t in ran if t.state in (TrialState.COMPLETE,
-                                                             TrialState.PRUNED)]
+    assert finished == trials  # budget slots: exactly the budget, with any number of workers
+    # A failed trial is an orphan of the outage: it kept its slot, and its retry took it.
     for t in ran:
         if t.state == TrialState.FAIL:
-            closed = sum(c <= t.datetime_complete for c in done) >= trials
-            assert closed or any(r.user_attrs.get("retry_of") == t.number for r in ran), t.number
+            assert any(r.user_attrs.get("retry_of") == t.number for r in ran), t.number
     return ran
 
 
@@ -76,13 +79,13 @@ def test_blip_shorter_than_grace_fails_no_trial(pg_url: str, tmp_path: Path) -> 
     via_proxy = db.set(port=proxy.port).render_as_string(hide_password=False)
     try:
         procs = [start_stub_worker("o", url=via_proxy, cwd=tmp_path, log=tmp_path / f"w{i}.log",
-                                   **BEATS) for i in range(2)]
+                                   **BLIP_BEATS) for i in range(2)]
         blips = []
         for after in (2, 5):
             _wait_finished(pg_url, after)
             started = time.monotonic()
             proxy.cut()
-            time.sleep(3)
+            time.sleep(BLIP_SECONDS)
             proxy.restore()
             blips.append(time.monotonic() - started)
         codes = [p.wait(timeout=600) for p in procs]
@@ -130,13 +133,13 @@ def test_workers_survive_two_postgres_restarts(pg_url: str, tmp_path: Path) -> N
     assert codes == [0, 0, 0], [log[-2000:] for log in logs]
 
 
-def test_orphan_is_failed_in_bounded_time_while_every_worker_is_busy(
+def test_orphan_is_reaped_by_a_busy_worker_and_its_retry_takes_its_slot(
     pg_url: str, tmp_path: Path
 ) -> None:
-    # Long trials (20 epochs x 0.5 s): when one worker dies, the others are mid-trial, so only
+    # Long trials (40 epochs x 0.5 s): when one worker dies, the others are mid-trial, so only
     # the reaper thread running beside their training can notice.
     space = write_space(tmp_path / "o.toml", SPACE.format(trials=6).replace(
-        "epochs = 4", "epochs = 20"))
+        "epochs = 4", "epochs = 40"))
     assert hpo("create", "--space", str(space), "--study", "o", url=pg_url,
                cwd=tmp_path).returncode == 0
     beats = {**BEATS, "HPO_GRACE": "6"}
@@ -153,19 +156,19 @@ def test_orphan_is_failed_in_bounded_time_while_every_worker_is_busy(
     orphan = next(t for w, t in running.items() if w.split("#")[0].endswith(f":{victim.pid}"))
     victim.kill()
     killed_at = time.monotonic()
-    while _trials(pg_url)[orphan.number].state == TrialState.RUNNING:
-        assert time.monotonic() - killed_at < 120, "the orphan was never failed"
-        time.sleep(0.2)
-    detection = time.monotonic() - killed_at
-    others_busy = sum(t.state == TrialState.RUNNING for t in _trials(pg_url))
     codes = [p.wait(timeout=600) for p in procs[1:]]
+    logs = [(tmp_path / f"w{i}.log").read_text() for i in (1, 2)]
     ran = _check_nothing_lost(pg_url, 6, 3)
+    assert codes == [0, 0], [log[-2000:] for log in logs]
+    assert ran[orphan.number].state == TrialState.FAIL
+    print(f"\norphan trial {orphan.number} reaped and retried; the pipeline ended"
+          f" {time.monotonic() - killed_at:.1f}s after the SIGKILL")
+    # A live worker's reaper failed it, between the start and the end of a trial of its own:
+    # the beat thread reaps while the worker trains.
+    reaped = f"trial {orphan.number} failed: no heartbeat for over the grace period; re-queued"
+    (reaper,) = [log for log in logs if reaped in log]
+    before, _, after = reaper.partition(reaped)
+    assert re.findall(r"trial \d+: start", before) and re.findall(r"trial \d+: complete", after)
     retries = [t for t in ran if t.user_attrs.get("retry_of") == orphan.number]
-    # grace + reaper interval (1 s with 1 s heartbeats) + 1 s of slack for polling and clocks.
-    bound = 6 + 1 + 1
-    print(f"\norphan trial {orphan.number} failed {detection:.1f}s after SIGKILL (bound {bound}s)"
-          f" while {others_busy} other trials ran; retries {[t.number for t in retries]}")
-    assert codes == [0, 0]
-    assert detection <= bound
     assert len(retries) == 1 and retries[0].params == orphan.params
     assert retries[0].state == TrialState.COMPLETE

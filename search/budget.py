@@ -1,0 +1,158 @@
+"""A stage's budget, defined once: the rules that the worker loop, the reaper, `hpo status` and
+the report all use.
+
+A stage of budget B is a set of B slots. A trial holds a slot while it waits, runs or is finished
+(complete or pruned); a failed trial gives its slot back. So:
+
+- a new trial is created only when a slot is free, decided in the transaction that takes it
+  (`claim.ask`), under the lock on the study's row, so W workers asking at once cannot overshoot;
+- a trial whose worker died keeps its slot until the reaper fails it, and the reaper queues its
+  retry in the same commit, so the slot passes straight to the retry: a live worker that finds
+  every slot taken waits for it instead of filling the stage with new trials;
+- a SIGTERM hand-back is failed and queued in one commit too, and keeps its slot the same way;
+- a configuration that killed its worker twice is failed for good, and its slot is free again;
+- the stage closes when B trials are finished: exactly B, with any number of workers.
+
+A stage whose space is finite (only categorical and stepped parameters: `search.grid`) trains
+each configuration at most once: a new trial needs a configuration no trial holds yet as well as a
+slot, and once every configuration is finished the stage closes early ("space exhausted").
+
+The budget is the stage study's user attribute `budget` and the number of configurations its
+attribute `space_size` (both written by `hpo create`), read in the database, so every worker sees
+one figure.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from optuna.storages._rdb import models
+from optuna.trial import TrialState
+
+from search.attrs import CONFIGURATION
+
+BUDGET = "budget"  # study user attr: the stage's budget of finished trials
+SPACE_SIZE = "space_size"  # study user attr: its distinct configurations (absent: unbounded)
+
+_TRIALS = models.TrialModel.__table__
+_SYSTEM_ATTRS = models.TrialSystemAttributeModel.__table__
+_STUDY_ATTRS = models.StudyUserAttributeModel.__table__
+HOLDING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """What a stage may spend: trials (None: no budget) and, for a finite space, its distinct
+    configurations."""
+
+    trials: int | None
+    configurations: int | None = None
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Trials of one stage study by state."""
+
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    waiting: int = 0
+    # Distinct configurations held by finished, running and waiting trials (one that has not
+    # reserved its configuration yet counts as one of its own); counted for finite spaces only.
+    configurations: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned
+
+    @property
+    def occupied(self) -> int:
+        """Slots held: finished, running and waiting trials."""
+        return self.finished + self.running + self.waiting
+
+
+def exhausted(counts: Counts, limit: Limit) -> bool:
+    """Every configuration of a finite space is finished: nothing new is left to train."""
+    return (limit.configurations is not None and counts.running == counts.waiting == 0
+            and counts.configurations >= limit.configurations)
+
+
+def closed(counts: Counts, limit: Limit) -> bool:
+    """The stage is done: B trials finished, or its space exhausted."""
+    spent = limit.trials is not None and counts.finished >= limit.trials
+    return spent or exhausted(counts, limit)
+
+
+def free_slots(counts: Counts, limit: Limit) -> int:
+    """How many new trials may be created now."""
+    free = 1 if limit.trials is None else max(0, limit.trials - counts.occupied)
+    if limit.configurations is not None:
+        free = min(free, max(0, limit.configurations - counts.configurations))
+    return free
+
+
+def may_retry(counts: Counts, limit: Limit) -> bool:
+    """Whether a dead or handed-back trial gets a retry: always while the stage is open (the
+    trial's own slot passes to it). A closed stage can hold a running trial only if it was
+    overshot (a study from before slots, or a budget lowered by hand); its retry would be a
+    trial nobody waits for."""
+    return not closed(counts, limit)
+
+
+def count(conn: sa.Connection, study_id: int, limit: Limit | None = None) -> Counts:
+    """The stage's trials by state, counted in the database (a worker asks before each trial;
+    loading every trial of a large study each time would cost more than the trial bookkeeping),
+    and its held configurations when `limit` says the space is finite."""
+    rows = conn.execute(
+        sa.select(_TRIALS.c.state, sa.func.count())
+        .where(_TRIALS.c.study_id == study_id)
+        .group_by(_TRIALS.c.state)
+    )
+    by_state = {_state(s): n for s, n in rows}
+    configurations = 0
+    if limit is not None and limit.configurations is not None:
+        configurations = _configurations(conn, study_id)
+    return Counts(
+        complete=by_state.get(TrialState.COMPLETE, 0), pruned=by_state.get(TrialState.PRUNED, 0),
+        failed=by_state.get(TrialState.FAIL, 0), running=by_state.get(TrialState.RUNNING, 0),
+        waiting=by_state.get(TrialState.WAITING, 0), configurations=configurations,
+    )
+
+
+def _configurations(conn: sa.Connection, study_id: int) -> int:
+    holding = sa.select(_TRIALS.c.trial_id).where(
+        _TRIALS.c.study_id == study_id, _TRIALS.c.state.in_(HOLDING))
+    marks = conn.execute(
+        sa.select(_SYSTEM_ATTRS.c.trial_id, _SYSTEM_ATTRS.c.value_json)
+        .where(_SYSTEM_ATTRS.c.trial_id.in_(holding), _SYSTEM_ATTRS.c.key == CONFIGURATION)
+    ).all()
+    trials = conn.execute(sa.select(sa.func.count()).select_from(holding.subquery())).scalar_one()
+    # A trial that has not reserved its configuration yet (`claim.reserve`: still sampling, or
+    # waiting) holds one nobody knows: count it on its own, so two workers cannot both be
+    # promised the last untried configuration.
+    return len({value for _, value in marks}) + trials - len(marks)
+
+
+def _state(value: object) -> TrialState:
+    return TrialState[value] if isinstance(value, str) else TrialState(value)
+
+
+def read_limit(conn: sa.Connection, study_id: int) -> Limit:
+    """The stage's budget and space size as the database holds them."""
+    attrs = dict(conn.execute(
+        sa.select(_STUDY_ATTRS.c.key, _STUDY_ATTRS.c.value_json)
+        .where(_STUDY_ATTRS.c.study_id == study_id,
+               _STUDY_ATTRS.c.key.in_((BUDGET, SPACE_SIZE)))
+    ).all())
+    trials, size = (json.loads(attrs[k]) if k in attrs else None for k in (BUDGET, SPACE_SIZE))
+    return Limit(None if trials is None else int(trials), None if size is None else int(size))
+
+
+def state(engine: sa.Engine, study_id: int) -> tuple[Counts, Limit]:
+    """Counts and limit of a stage, read together."""
+    with engine.connect() as conn:
+        limit = read_limit(conn, study_id)
+        return count(conn, study_id, limit), limit

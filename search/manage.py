@@ -1,0 +1,225 @@
+"""Study management: `hpo list` (every study in a storage, with its state, best value and last
+activity), `hpo delete` (stage studies, the pipeline's rows and its artifacts), `hpo extend` (a
+stage's budget) and `hpo enqueue` (a configuration the next free worker trains first).
+
+Every refusal is raised before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy as sa
+from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
+
+from search import pipeline, registry, snapshot
+from search.budget import BUDGET
+from search.params import (
+    CategoricalParam,
+    FloatParam,
+    IntParam,
+    Param,
+    ParamError,
+    check_config,
+    field_value,
+    show,
+)
+from search.space import Pipeline, Stage, base_config
+from search.storage import GRACE_SECONDS
+
+PipelineError = pipeline.PipelineError
+
+
+def list_rows(storage: optuna.storages.RDBStorage) -> list[tuple[str, ...]]:
+    """(study, state, best, last activity) for each pipeline in the storage."""
+    rows = []
+    for name in registry.list_pipelines(storage.engine):
+        pipe = pipeline.load(storage, name)
+        snap = snapshot.read(storage, name, pipe)
+        best = snap.best
+        rows.append((name, _state(snap),
+                     f"{pipe.metric} {best[2]:.4f} ({best[0]} #{best[1]})" if best else "-",
+                     _last_activity(snap)))
+    return rows
+
+
+def _state(snap: snapshot.Snapshot) -> str:
+    if snap.done:
+        return "done"
+    current = next(s for s in snap.stages if not s.closed)
+    live = len(snap.live_workers)
+    if live:
+        return f"running {current.name} ({live} worker{'s' if live > 1 else ''})"
+    if not snap.trials:
+        return "not started"
+    return f"paused in {current.name} (no live worker)"
+
+
+def _last_activity(snap: snapshot.Snapshot) -> str:
+    times = [t for trial in snap.trials.values()
+             for t in (trial.datetime_start, trial.datetime_complete) if t is not None]
+    return max(times).strftime("%Y-%m-%d %H:%M:%S") if times else "-"
+
+
+def _closed_by_later(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline,
+                     stage: Stage, what: str) -> None:
+    """Refuse to change an earlier stage once a later one opened from its best trial: the later
+    stages carry what it had found then, so more trials there would change nothing."""
+    index = pipe.stages.index(stage)
+    for later in pipe.stages[index + 1:]:
+        opened = registry.get_stage(storage.engine, name, later.name)
+        if opened is not None:
+            open_now = [s.name for s in pipe.stages
+                        if registry.get_stage(storage.engine, name, s.name) is not None][-1]
+            raise PipelineError(
+                f"cannot {what} stage {stage.name!r}: it is closed, and stage {later.name!r}"
+                f" already opened from its best trial (#{opened.source.get('trial')}), so more"
+                f" trials there would change nothing later stages use; use the open stage"
+                f" {open_now!r} or the last stage {pipe.stages[-1].name!r}"
+            )
+
+
+def _stage(pipe: Pipeline, name: str) -> Stage:
+    try:
+        return pipe.stage(name)
+    except KeyError:
+        raise PipelineError(f"--stage {name!r}: no such stage (stages:"
+                            f" {', '.join(s.name for s in pipe.stages)})") from None
+
+
+def extend(storage: optuna.storages.RDBStorage, name: str, stage_name: str, trials: int) -> str:
+    """Raise a stage's budget to `trials`: the stage study's "budget" attribute (what workers
+    count against) and the stored pipeline (what status and report show). The digest stays
+    that of the file the study was created from, so `hpo create` with it still matches."""
+    pipe = pipeline.load(storage, name)
+    stage = _stage(pipe, stage_name)
+    study = pipeline.load_stage_study(storage, name, stage)
+    budget = int(study.user_attrs.get(BUDGET, stage.trials))
+    if trials <= budget:
+        raise PipelineError(f"--trials {trials}: stage {stage.name!r} has a budget of {budget}"
+                            " already; extend only raises it")
+    _closed_by_later(storage, name, pipe, stage, "extend")
+    stages = tuple(dataclasses.replace(s, trials=trials) if s is stage else s
+                   for s in pipe.stages)
+    with storage.engine.begin() as conn:
+        conn.execute(sa.update(registry.pipelines).where(registry.pipelines.c.name == name)
+                     .values(spec=dataclasses.replace(pipe, stages=stages).to_json()))
+    study.set_user_attr(BUDGET, trials)
+    done = pipeline.counts(study).finished
+    return (f"stage {stage.name!r} of {name!r}: budget {budget} -> {trials} ({done} finished);"
+            " live workers take the new trials, or start some with `hpo worker` / `hpo run`")
+
+
+def enqueue(storage: optuna.storages.RDBStorage, name: str, stage_name: str, text: str) -> str:
+    """Queue a WAITING trial of `stage` with the given parameter values, checked as a space
+    file's would be; workers take WAITING trials before sampling new ones."""
+    pipe = pipeline.load(storage, name)
+    stage = _stage(pipe, stage_name)
+    params = _parse_params(text, stage)
+    opened = registry.get_stage(storage.engine, name, stage.name)
+    try:
+        check_config({**base_config(pipe, stage, opened.carried if opened else {}), **params})
+    except ParamError as e:
+        raise PipelineError(f"--params: {e}") from None
+    _closed_by_later(storage, name, pipe, stage, "enqueue into")
+    study = pipeline.load_stage_study(storage, name, stage)
+    budget = int(study.user_attrs.get(BUDGET, stage.trials))
+    c = pipeline.counts(study)
+    if c.finished + c.running + c.waiting >= budget:
+        raise PipelineError(
+            f"stage {stage.name!r} has no free slot: its budget of {budget} is taken by"
+            f" {c.finished} finished, {c.running} running and {c.waiting} waiting trials; raise"
+            f" it first with `hpo extend {name} --stage {stage.name} --trials {budget + 1}`"
+        )
+    study.enqueue_trial(params, user_attrs={snapshot.ENQUEUED: "user"})
+    number = max(t.number for t in study.get_trials(deepcopy=False))
+    return (f"queued trial #{number} of stage {stage.name!r} with {json.dumps(params)}; the next"
+            " free worker trains it first")
+
+
+def _parse_params(text: str, stage: Stage) -> dict[str, Any]:
+    try:
+        raw = json.loads(text)
+    except ValueError as e:
+        raise PipelineError(f"--params: not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise PipelineError(f'--params: expected a JSON object like {{"lr": 0.1}}, got {show(raw)}')
+    out = {}
+    for key, value in raw.items():
+        if key not in stage.params:
+            raise PipelineError(f"--params: {key!r} is not searched in stage {stage.name!r}"
+                                f" (it searches {', '.join(sorted(stage.params)) or 'nothing'})")
+        try:
+            out[key] = _in_range(stage.params[key], field_value(key, value))
+        except ParamError as e:
+            raise PipelineError(f"--params: {key}: {e}") from None
+    return out
+
+
+def _in_range(param: Param, value: Any) -> Any:
+    if isinstance(param, CategoricalParam):
+        if not any(type(c) is type(value) and c == value for c in param.choices):
+            raise ParamError(f"{show(value)} is not one of {list(param.choices)}")
+        return value
+    assert isinstance(param, FloatParam | IntParam)
+    if not param.low <= value <= param.high:
+        raise ParamError(f"{show(value)} is outside the stage's range [{param.low}, {param.high}]")
+    if param.step and not math.isclose((value - param.low) / param.step,
+                                       round((value - param.low) / param.step), abs_tol=1e-9):
+        raise ParamError(f"{show(value)} is not on the grid {param.low} + k * {param.step}")
+    return value
+
+
+def plan_delete(
+    storage: optuna.storages.RDBStorage, name: str, artifacts: Path
+) -> tuple[str, list[Path]]:
+    """What `delete` would remove, as a sentence and the files; refuses while workers live."""
+    pipe = pipeline.load(storage, name)
+    live = [w for w in registry.list_workers(storage.engine, name) if snapshot.is_live(w)]
+    if live:
+        raise PipelineError(
+            f"study {name!r} has {len(live)} live worker(s) ("
+            + ", ".join(f"#{w['id']} {w['host']}:{w['pid']}" for w in live)
+            + f"); stop them first (a killed worker stops counting {GRACE_SECONDS}s after its"
+            " last beat)"
+        )
+    trials, files = 0, []
+    for stage in pipe.stages:
+        for t in pipeline.load_stage_study(storage, name, stage).get_trials(deepcopy=False):
+            trials += 1
+            for key, value in t.system_attrs.items():
+                if key.startswith(ARTIFACTS_ATTR_PREFIX):
+                    files.append(artifacts / "store" / json.loads(value)["artifact_id"])
+    folder = artifacts / name
+    paths = [p for p in [folder, *files] if p.exists()]
+    where = f"; {folder} and {len(files)} stored checkpoint(s)" if paths else ""
+    return (f"study {name!r}: {len(pipe.stages)} stage studies with {trials} trials, its"
+            f" pipeline and worker rows{where}", paths)
+
+
+def delete(storage: optuna.storages.RDBStorage, name: str, paths: list[Path]) -> None:
+    """Stage studies first, then the pipeline's rows, then files: a delete cut short leaves the
+    pipeline row, so running it again finishes the job."""
+    pipe = pipeline.load(storage, name)
+    for stage in pipe.stages:
+        try:
+            study_id = storage.get_study_id_from_name(pipeline.stage_study_name(name, stage.name))
+        except KeyError:
+            continue
+        storage.delete_study(study_id)
+    with storage.engine.begin() as conn:
+        conn.execute(sa.delete(registry.workers).where(registry.workers.c.pipeline == name))
+        conn.execute(sa.delete(registry.stages).where(registry.stages.c.pipeline == name))
+        conn.execute(sa.delete(registry.pipelines).where(registry.pipelines.c.name == name))
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
