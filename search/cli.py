@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from search import pipeline
+from search.artifacts import ArtifactsError, open_artifacts
 from search.space import Pipeline, SpaceError, check_data, load_space
 from search.storage import StorageError, open_storage, redact, resolve_url
 from trainer.config import ConfigError
 
 DEFAULT_ARTIFACTS = "hpo-artifacts"
-USER_ERRORS = (SpaceError, StorageError, pipeline.PipelineError, ConfigError)
+USER_ERRORS = (SpaceError, StorageError, pipeline.PipelineError, ConfigError, ArtifactsError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     c = command("delete", "remove a study: stage studies, rows, artifacts", _commands("delete"))
     c.add_argument("study")
     c.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    c.add_argument("--artifacts", type=Path, default=_default_artifacts())
+    c.add_argument("--artifacts", default=_default_artifacts(),
+                   help="the checkpoint folder or s3://bucket/prefix (default: $HPO_ARTIFACTS)")
     c = command("extend", "raise a stage's budget of trials", _commands("extend"))
     c.add_argument("study")
     c.add_argument("--stage", required=True)
@@ -109,12 +111,16 @@ def _parser() -> argparse.ArgumentParser:
                           " trainer, optionally as TorchScript/ONNX", _export)
     c.add_argument("study")
     c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--artifacts", default=_default_artifacts(),
+                   help="the workers' checkpoints: folder or s3://bucket/prefix")
     _top_flag(c, "an ensemble averaging their softmax")
     c.add_argument("--format", default="pytorch",
                    help="pytorch (always written), torchscript, onnx, comma-separated, or all")
 
     c = command("serve", "a prediction web page and JSON API for the best trial(s)", _serve)
     c.add_argument("study")
+    c.add_argument("--artifacts", default=_default_artifacts(),
+                   help="the workers' checkpoints: folder or s3://bucket/prefix")
     _top_flag(c, "served as an ensemble")
     from trainer.serve import add_flags
 
@@ -124,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("study", nargs="?", help="only used to print its address")
     c.add_argument("--host", default="127.0.0.1")
     c.add_argument("--port", type=int, default=8080)
-    c.add_argument("--artifacts", type=Path, default=_default_artifacts())
+    c.add_argument("--artifacts", default=_default_artifacts(),
+                   help="the workers' checkpoints: folder or s3://bucket/prefix")
     return p
 
 
@@ -149,9 +156,9 @@ def _worker_flags(c: argparse.ArgumentParser) -> None:
     c.add_argument("--device", default=os.environ.get("HPO_DEVICE", "auto"),
                    help="auto | cpu | cuda | cuda:N | cuda:free (claim a GPU no other worker on"
                         " this host holds; default: $HPO_DEVICE, else auto)")
-    c.add_argument("--artifacts", type=Path, default=_default_artifacts(),
-                   help="folder for checkpoints, shared by all workers (default: $HPO_ARTIFACTS,"
-                        f" else ./{DEFAULT_ARTIFACTS})")
+    c.add_argument("--artifacts", default=_default_artifacts(),
+                   help="checkpoints: a folder all workers share, or s3://bucket/prefix"
+                        f" (default: $HPO_ARTIFACTS, else ./{DEFAULT_ARTIFACTS})")
     c.add_argument("--threads", type=int, default=_env_int("HPO_THREADS"),
                    help="CPU threads for PyTorch (default: all)")
     c.add_argument("--fault", default=os.environ.get("HPO_FAULT", ""), help=argparse.SUPPRESS)
@@ -166,8 +173,8 @@ def _env_int(name: str) -> int:
         raise pipeline.PipelineError(f"{name}={text!r} is not a whole number") from None
 
 
-def _default_artifacts() -> Path:
-    return Path(os.environ.get("HPO_ARTIFACTS", DEFAULT_ARTIFACTS))
+def _default_artifacts() -> str:
+    return os.environ.get("HPO_ARTIFACTS") or DEFAULT_ARTIFACTS
 
 
 def _study_name(args: argparse.Namespace) -> str:
@@ -199,9 +206,11 @@ def _worker(args: argparse.Namespace) -> int:
     from search.worker import Worker
 
     _set_threads(args.threads)
+    store = open_artifacts(args.artifacts)
+    store.check()
     try:
         worker = Worker(resolve_url(args.storage), args.study, device=args.device,
-                        artifacts=args.artifacts.resolve(), fault=args.fault)
+                        artifacts=store, fault=args.fault)
     except ConfigError as e:
         # trainer.device imports torch, so its error class is looked up only once an error came.
         from trainer.device import NoFreeDevice
@@ -231,13 +240,14 @@ def _run(args: argparse.Namespace) -> int:
         raise pipeline.PipelineError(f"--workers must be at least 1, not {args.workers}")
     pipe = _checked_space(args)
     name = _study_name(args)
+    store = open_artifacts(args.artifacts)
     url = resolve_url(args.storage)
+    store.check()
     from search import commands
 
     commands.quiet_optuna()  # its INFO lines go to the workers' log, not between the view's
     pipeline.create(open_storage(url, create_schema=True), name, pipe, str(args.space))
-
-    return commands.run(args, url, name)
+    return commands.run(args, url, name, store)
 
 
 def _open(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -299,17 +309,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
-    from optuna.artifacts import FileSystemArtifactStore
 
+    store = open_artifacts(args.artifacts)
     storage = open_storage(resolve_url(args.storage))
     if args.study:
         pipeline.load(storage, args.study)  # an unknown study is an error, not an empty page
-    args.artifacts.mkdir(parents=True, exist_ok=True)
+    store.check()
     print(f"optuna-dashboard on http://{args.host}:{args.port}/dashboard/ (Ctrl-C to stop)",
           flush=True)
     optuna_dashboard.run_server(
         storage, host=args.host, port=args.port,
-        artifact_store=FileSystemArtifactStore(str(args.artifacts / "store")),
+        artifact_store=store.optuna_store(),
     )
     return 0
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 
 from search import live, manage, pipeline, snapshot
+from search.artifacts import Artifacts, open_artifacts
 from search.snapshot import Snapshot
 from search.space import Pipeline
 from search.storage import open_storage, resolve_url
@@ -22,14 +23,14 @@ from search.storage import open_storage, resolve_url
 LOG_NAME = "run.log"  # per study, under the artifacts folder: `hpo delete` removes it with them
 
 
-def run(args: argparse.Namespace, url: str, name: str) -> int:
+def run(args: argparse.Namespace, url: str, name: str, store: Artifacts) -> int:
     """`hpo run` after the study was created: workers, the live view, then the summary."""
     from search.local import run_local
 
     storage = open_storage(url)
     pipe = pipeline.load(storage, name)
-    artifacts = args.artifacts.resolve()
-    log_path = artifacts / name / LOG_NAME
+    artifacts = store.url or store.root
+    log_path = store.root / name / LOG_NAME  # a bucket's local cache: the log stays on this host
     print(f"{name}: {args.workers} worker(s); per-epoch log in {log_path}", flush=True)
     started = time.monotonic()
 
@@ -101,7 +102,10 @@ def best(args: argparse.Namespace) -> int:
 
 def delete(args: argparse.Namespace) -> int:
     storage = open_storage(resolve_url(args.storage))
-    what, paths = manage.plan_delete(storage, args.study, args.artifacts.resolve())
+    store = open_artifacts(args.artifacts)
+    what, paths = manage.plan_delete(storage, args.study, store.root)
+    if store.url:  # this host's cache goes; the bucket's objects are the bucket owner's call
+        what += f" (objects under {store.url}/{args.study} in the bucket are left)"
     if not args.yes:
         if not sys.stdin.isatty():
             raise pipeline.PipelineError(f"not deleted: {what}; confirm with --yes (no terminal"

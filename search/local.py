@@ -14,7 +14,7 @@ from search.worker import EXIT_ERRORS, EXIT_NO_DATA
 
 
 def run_local(
-    url: str, study: str, *, workers: int, device: str, artifacts: Path, threads: int,
+    url: str, study: str, *, workers: int, device: str, artifacts: str | Path, threads: int,
     fault: str = "", log: Path | None = None,
     monitor: Callable[[Callable[[], bool]], None] | None = None,
 ) -> int:

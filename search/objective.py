@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts import upload_artifact
 from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
 
 from search import claim, grid
+from search.artifacts import Artifacts
 from search.retry import root_number
 from search.space import CategoricalParam, FloatParam, IntParam, Param, Pipeline, Stage, base_config
 from search.storage import set_user_attrs, with_retry
@@ -56,7 +57,7 @@ class TrialContext:
     pipeline: Pipeline
     stage: Stage
     carried: dict[str, Any]
-    artifacts: Path  # root folder of trial checkpoints
+    artifacts: Artifacts  # trial checkpoints: a shared folder, or S3 with a local cache
     device: str
     worker: str  # "host:pid#id", recorded on each trial
     fault: str = ""  # passed to the trainer (tests inject OOM / NaN through it)
@@ -89,7 +90,7 @@ def suggest_once(trial: optuna.Trial, name: str, param: Param) -> Any:
     return with_retry(f"suggest {name}", lambda: suggest(trial, name, param), landed=landed)
 
 
-def upload_once(trial: optuna.Trial, store: FileSystemArtifactStore, path: str) -> str:
+def upload_once(trial: optuna.Trial, store: Any, path: str) -> str:
     """`upload_artifact` (an Optuna artifact, so optuna-dashboard lists the checkpoint on the
     trial's page), retried through an outage, once: Optuna records the artifact on the trial
     before it copies the file, so a retry after a lost reply would list the checkpoint twice,
@@ -113,7 +114,7 @@ def upload_once(trial: optuna.Trial, store: FileSystemArtifactStore, path: str) 
 
 def checkpoint_dir(ctx: TrialContext, trial: optuna.Trial) -> Path:
     """Shared by every attempt of one configuration, so a retry resumes where the last stopped."""
-    return ctx.artifacts / ctx.study / ctx.stage.name / f"trial-{root_number(trial):05d}"
+    return ctx.artifacts.root / ctx.study / ctx.stage.name / f"trial-{root_number(trial):05d}"
 
 
 def trial_config(trial: optuna.Trial, ctx: TrialContext) -> TrainConfig:
@@ -126,6 +127,8 @@ def trial_config(trial: optuna.Trial, ctx: TrialContext) -> TrainConfig:
         "resume": True,
         "fault": ctx.fault,
     }
+    if overrides.get("teacher"):  # recorded as the store names it; trained from a file here
+        overrides["teacher"] = str(ctx.artifacts.local(str(overrides["teacher"])))
     return with_overrides(TrainConfig(), overrides)
 
 
@@ -148,6 +151,8 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
         if holder is not None:
             raise Duplicate(holder)
     public = {k: v for k, v in cfg.to_dict().items() if k not in WORKER_OWNED}
+    if "teacher" in ctx.carried:
+        public["teacher"] = ctx.carried["teacher"]
     _set_attrs(trial, {"config": public, "carried": ctx.carried, "worker": ctx.worker,
                        "device": ctx.device})
     metric = ctx.pipeline.metric
@@ -174,7 +179,8 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
             write_epochs()
 
     try:
-        result = train(cfg, report, stop=stop)
+        with ctx.artifacts.synced(Path(cfg.checkpoint_dir), keep_last=Interrupted):
+            result = train(cfg, report, stop=stop)
     except Exception:
         # A pruned, failed or handed-back trial keeps the epochs it ran. A trial a reaper failed
         # cannot take them; the worker handles that from the error raised already.
@@ -182,18 +188,16 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
             write_epochs()
         raise
     best_epoch = result.history[result.best_epoch - 1]
-    store_dir = ctx.artifacts / "store"
-    store_dir.mkdir(parents=True, exist_ok=True)
     with _named(Path(result.checkpoint), f"{ctx.study}-{ctx.stage.name}-trial{trial.number}.pt") \
             as upload:
-        artifact = upload_once(trial, FileSystemArtifactStore(str(store_dir)), str(upload))
+        artifact = upload_once(trial, ctx.artifacts.optuna_store(), str(upload))
     _set_attrs(trial, {
         "epochs": epochs,
         "metrics": {k: v for k, v in result.metrics().items()
                     if k not in ("history", "config", "data")},
         "images_per_sec": result.images_per_sec,
         "peak_memory_mb": result.peak_memory_mb,
-        "checkpoint": result.checkpoint,
+        "checkpoint": ctx.artifacts.ref(result.checkpoint),
         "checkpoint_artifact": artifact,
         "split": result.data,
     })

@@ -12,6 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import budget as budget_rules
 from search import pipeline, registry
+from search.artifacts import Artifacts
 from search.objective import WORKER_OWNED
 from search.space import Pipeline
 
@@ -106,8 +107,9 @@ def best(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> dict
     }
 
 
-def best_checkpoint(info: dict[str, Any]) -> Path:
-    path = Path(info["checkpoint"]) if info.get("checkpoint") else None
+def best_checkpoint(info: dict[str, Any], store: Artifacts) -> Path:
+    """The best trial's best.pt on this machine (downloaded from an object store into its cache)."""
+    path = store.local(info["checkpoint"]) if info.get("checkpoint") else None
     if path is None or not path.is_file():
         raise pipeline.PipelineError(
             f"the best trial's checkpoint {str(path)!r} is not on this machine; run the command"

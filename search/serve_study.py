@@ -45,8 +45,13 @@ def top_trials(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline,
     return found[:k]
 
 
-def _checkpoints(trials: list[dict[str, Any]]) -> tuple[list[Path], list[dict[str, Any]]]:
-    paths = [best_checkpoint(t) for t in trials]  # every file is checked before any is read
+def _checkpoints(trials: list[dict[str, Any]], artifacts: str
+                 ) -> tuple[list[Path], list[dict[str, Any]]]:
+    from search.artifacts import open_artifacts
+
+    store = open_artifacts(artifacts)
+    # Every file is found (or fetched from the object store) before any is read.
+    paths = [best_checkpoint(t, store) for t in trials]
     return paths, [{k: t[k] for k in ("study", "stage", "trial", "value")} for t in trials]
 
 
@@ -56,7 +61,7 @@ def export(storage: optuna.storages.RDBStorage, pipe: Pipeline, args: argparse.N
 
     formats = parse_formats(args.format)
     trials = top_trials(storage, args.study, pipe, args.top)
-    paths, members = _checkpoints(trials)
+    paths, members = _checkpoints(trials, args.artifacts)
     out, checks = export_bundle(paths, args.out, members, formats)
     what = (f"trial {members[0]['trial']} of stage {members[0]['stage']!r}" if len(members) == 1
             else "an ensemble of trials " + ", ".join(f"{m['stage']}#{m['trial']}"
@@ -76,6 +81,7 @@ def serve(storage: optuna.storages.RDBStorage, pipe: Pipeline, args: argparse.Na
     from trainer.serve import check_threshold, start
 
     check_threshold(args.threshold)
-    paths, members = _checkpoints(top_trials(storage, args.study, pipe, args.top))
+    paths, members = _checkpoints(top_trials(storage, args.study, pipe, args.top),
+                                  args.artifacts)
     bundle = from_checkpoints(paths, members)
     return start(bundle, args)

@@ -174,7 +174,10 @@ def check_data(pipeline: Pipeline) -> None:
     from trainer.sources import check_readable
 
     for stage in pipeline.stages:
-        check_readable(with_overrides(TrainConfig(), base_config(pipeline, stage, {})))
+        base = base_config(pipeline, stage, {})
+        if stage.teacher:  # as in `check`: a fixed kd_alpha > 0 needs its teacher set
+            base["teacher"] = f"best:{stage.teacher}"
+        check_readable(with_overrides(TrainConfig(), base))
 
 
 def load_space(path: str | Path) -> Pipeline:

@@ -29,6 +29,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search import budget, objective, pipeline, registry, strategy
+from search.artifacts import Artifacts
 from search.beat import Beat
 from search.claim import ask
 from search.retry import hand_back
@@ -71,7 +72,7 @@ def worker_device(name: str) -> tuple[str, int | None]:
 
 class Worker:
     def __init__(
-        self, url: str, study: str, *, device: str = "auto", artifacts: Path, fault: str = ""
+        self, url: str, study: str, *, device: str = "auto", artifacts: Artifacts, fault: str = ""
     ) -> None:
         self.url, self.study, self.artifacts, self.fault = url, study, artifacts, fault
         # The claim's lock lives as long as this process: keep the descriptor open.

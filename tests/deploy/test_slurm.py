@@ -1,0 +1,147 @@
+"""deploy/slurm for real: a one-node Slurm cluster (tests/deploy/slurm_cluster.py) runs
+`deploy/slurm/submit.sh` (a create job, then the worker array, one task per fake GPU) with CPU
+workers on a digits pipeline against PostgreSQL, to the end; `scancel` of one array task
+mid-trial hands its trial back and the other task resumes it.
+
+Needs root and Debian's slurmctld, slurmd, slurm-client and munge: skipped with the reason
+elsewhere, failed instead when CI=true (.ci/run installs them).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
+
+from search import pipeline
+from search.storage import open_storage
+from tests.deploy import read_env_file
+from tests.deploy.slurm_cluster import GPUS, Cluster, missing
+from tests.helpers import ROOT, tiny_space
+
+STUDY = "slurm"
+SUBMIT = ROOT / "deploy" / "slurm" / "submit.sh"
+TIMEOUT = 600
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    why = missing()
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true, but {why}")
+        pytest.skip(why)
+    c = Cluster(tmp_path / "slurm")
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def _wait_for(predicate: Callable[[], object], what: str, timeout: float = TIMEOUT) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _submit_folder(tmp: Path, pg_url: str) -> Path:
+    """A folder set up as README says: .env from .env.example with the user's edits, the
+    password file where compose keeps it, the space file under ./spaces."""
+    folder = tmp / "submit"
+    (folder / "spaces").mkdir(parents=True)
+    (folder / "docker" / "secrets").mkdir(parents=True)
+    db = make_url(pg_url)
+    (folder / "docker" / "secrets" / "db_password").write_text(
+        (db.password or "unused-by-trust") + "\n")
+    tiny_space(folder / "spaces" / "tiny.toml", trials1=3, trials2=2, epochs=6)
+    dotenv = {
+        **read_env_file(),
+        "HPO_STUDY": STUDY, "HPO_SPACE": "tiny.toml", "HPO_SPACES_DIR": "./spaces",
+        "HPO_DB_HOST": db.host or "127.0.0.1", "HPO_DB_PORT": str(db.port or 5432),
+        "HPO_DB_NAME": str(db.database), "HPO_DB_USER": db.username or "postgres",
+        # No GPU here, two shared cores: the only deviations from a GPU cluster.
+        "HPO_DEVICE": "cpu", "HPO_THREADS": "1",
+    }
+    (folder / ".env").write_text("".join(f"{k}={v}\n" for k, v in dotenv.items()))
+    return folder
+
+
+def _stages(pg_url: str) -> list[optuna.Study]:
+    storage = open_storage(pg_url)
+    return [pipeline.load_stage_study(storage, STUDY, s)
+            for s in pipeline.load(storage, STUDY).stages]
+
+
+def test_the_worker_array_runs_a_pipeline_to_the_end_and_survives_scancel(
+    cluster: Cluster, pg_url: str, tmp_path: Path
+) -> None:
+    folder = _submit_folder(tmp_path, pg_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPO_")}
+    env.update(SLURM_CONF=str(cluster.conf), HPO_VENV=str(Path(sys.executable).parents[1]))
+    # The node has two cores and no memory configured: the only sbatch options added here.
+    sub = subprocess.run([str(SUBMIT), str(GPUS), "--cpus-per-task=1", "--mem=0"], cwd=folder,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    array = re.search(r"job array (\d+)", sub.stdout).group(1)  # type: ignore[union-attr]
+
+    # Both tasks run, each on its own "GPU" (--gres=gpu:1 granted, two on the node).
+    def logs() -> dict[int, str]:
+        return {int(p.stem.rsplit("_", 1)[1]): p.read_text()
+                for p in folder.glob(f"hpo-worker-{array}_*.log")}
+
+    _wait_for(lambda: len(logs()) == GPUS and all("worker " in t for t in logs().values()),
+              "both array tasks to start their workers")
+
+    first = None
+
+    def mid_trial() -> optuna.trial.FrozenTrial | None:
+        nonlocal first
+        first = first or _stages(pg_url)[0]
+        running = [t for t in first.get_trials(states=(TrialState.RUNNING,))
+                   if len(t.intermediate_values) >= 1]
+        return running[0] if running else None
+
+    victim = mid_trial() or _wait_for(mid_trial, "a trial one epoch in")
+    assert victim is not None
+    worker_id = int(victim.user_attrs["worker"].rsplit("#", 1)[1])
+    (task,) = [t for t, text in logs().items() if re.search(rf"worker {worker_id} on cpu", text)]
+    cancel = cluster.run("scancel", f"{array}_{task}")
+    assert cancel.returncode == 0, cancel.stderr
+
+    # The pipeline runs to the end on the other task; then the queue is empty.
+    _wait_for(lambda: cluster.run("squeue", "-h").stdout.strip() == "", "the queue to empty")
+    texts = logs()
+    assert "handing the trial back" in texts[task], texts[task][-3000:]
+    other = next(t for t in texts if t != task)
+    assert "Traceback" not in texts[other], texts[other][-3000:]
+    assert "created study" in next(folder.glob("hpo-create-*.log")).read_text()
+
+    stages = _stages(pg_url)
+    trials = stages[0].get_trials()
+    handed = trials[victim.number]
+    assert handed.state == TrialState.FAIL and handed.user_attrs["fail_reason"] == "interrupted"
+    (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == victim.params
+    assert retry.user_attrs["worker"] != victim.user_attrs["worker"]
+    assert min(retry.intermediate_values) >= 2, "resumed from the hand-back's checkpoint"
+    storage = open_storage(pg_url)
+    for stage, study in zip(pipeline.load(storage, STUDY).stages, stages, strict=True):
+        counts = pipeline.counts(study)
+        assert counts.finished >= stage.trials, (stage.name, counts)
+        assert counts.running == counts.waiting == 0, (stage.name, counts)
+    # Checkpoints went where .env's defaults put them: hpo-artifacts in the submit folder.
+    assert (folder / "hpo-artifacts" / STUDY).is_dir()
