@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/trial_overhead.py
 	$(PY) bench/orchestration.py --quick
 	$(PY) bench/search_efficiency.py --quick
+	$(PY) bench/serve_latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache hpo-artifacts *.db

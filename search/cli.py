@@ -4,6 +4,7 @@
     hpo worker --study c10 [--device cuda:0]
     hpo run --space spaces/digits-quick.toml --workers 2
     hpo status c10 | hpo best c10 --json | hpo report c10 --out r.html | hpo export c10 --out best/
+    hpo export c10 --top 3 --format onnx --out top3/ | hpo serve c10 [--top 3] [--runtime onnx]
     hpo dashboard c10
 
 Every user error is one line on stderr and exit status 2; nothing is written before the input has
@@ -106,11 +107,24 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("study")
     c.add_argument("--out", type=Path, required=True)
 
-    c = command("export", "the best trial's weights and config, loadable by the trainer", _export)
+    c = command("export", "the best trial's (or top K's) weights and config, loadable by the"
+                          " trainer, optionally as TorchScript/ONNX", _export)
     c.add_argument("study")
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--artifacts", default=_default_artifacts(),
                    help="the workers' checkpoints: folder or s3://bucket/prefix")
+    _top_flag(c, "an ensemble averaging their softmax")
+    c.add_argument("--format", default="pytorch",
+                   help="pytorch (always written), torchscript, onnx, comma-separated, or all")
+
+    c = command("serve", "a prediction web page and JSON API for the best trial(s)", _serve)
+    c.add_argument("study")
+    c.add_argument("--artifacts", default=_default_artifacts(),
+                   help="the workers' checkpoints: folder or s3://bucket/prefix")
+    _top_flag(c, "served as an ensemble")
+    from trainer.serve import add_flags
+
+    add_flags(c)
 
     c = command("dashboard", "optuna-dashboard on this storage, on 127.0.0.1", _dashboard)
     c.add_argument("study", nargs="?", help="only used to print its address")
@@ -277,20 +291,20 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
-    from search.results import best, best_checkpoint
-    from trainer.export import export_model
+def _top_flag(c: argparse.ArgumentParser, what: str) -> None:
+    c.add_argument("--top", type=int, default=1, help=f"the K best trials, {what} (default 1)")
 
-    store = open_artifacts(args.artifacts)
-    storage, pipe = _open(args)
-    info = best(storage, args.study, pipe)
-    out = export_model(best_checkpoint(info, store), args.out, extra={
-        "study": info["study"], "stage": info["stage"], "trial": info["trial"],
-        "value": info["value"],
-    })
-    print(f"exported trial {info['trial']} of stage {info['stage']!r} to {out}; test it with"
-          f" `python -m trainer --evaluate {out}`")
-    return 0
+
+def _export(args: argparse.Namespace) -> int:
+    from search.serve_study import export
+
+    return export(*_open(args), args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from search.serve_study import serve
+
+    return serve(*_open(args), args)
 
 
 def _dashboard(args: argparse.Namespace) -> int:

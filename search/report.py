@@ -28,6 +28,7 @@ from plotly.offline import get_plotlyjs
 from search import pipeline
 from search.results import StageStatus, best, stage_status
 from search.space import Pipeline, Stage
+from trainer.config import ConfigError
 
 # Importances and parallel coordinates compare trials: with fewer complete trials, or with every
 # parameter at one value, Optuna either cannot draw them or draws something meaningless.
@@ -128,12 +129,13 @@ def _best_section(
         ]),
     ]
     f1 = m.get("test_f1") or []
+    confusion = m.get("confusion") or []
+    names = _class_names(info, len(f1) or len(confusion))
     if f1:
         out += ["<h3>Per-class F1</h3>",
-                _table(["class", "F1"], [[str(i), _num(v)] for i, v in enumerate(f1)])]
-    confusion = m.get("confusion") or []
+                _table(["class", "F1"], [[_esc(names[i]), _num(v)] for i, v in enumerate(f1)])]
     if confusion:
-        out += ["<h3>Confusion matrix</h3>", _figure(_confusion_figure(confusion))]
+        out += ["<h3>Confusion matrix</h3>", _figure(_confusion_figure(confusion, names))]
     else:
         out.append(_note("The best trial recorded no confusion matrix."))
     config = sorted(info["config"].items())
@@ -143,8 +145,19 @@ def _best_section(
     return "\n".join(out)
 
 
-def _confusion_figure(confusion: list[list[int]]) -> go.Figure:
-    labels = [str(i) for i in range(len(confusion))]
+def _class_names(info: dict, k: int) -> list[str]:
+    """The classes by name (ImageFolder folders, CIFAR's names, digits 0-9), as the best
+    checkpoint recorded them; indices when that file is not on this machine."""
+    from trainer.checkpoint import load
+
+    try:
+        names = [str(c) for c in load(info.get("checkpoint") or "")["data"]["classes"]]
+    except (ConfigError, KeyError, TypeError):
+        names = []
+    return names if len(names) == k else [str(i) for i in range(k)]
+
+
+def _confusion_figure(confusion: list[list[int]], labels: list[str]) -> go.Figure:
     fig = go.Figure(go.Heatmap(
         z=confusion, x=labels, y=labels, colorscale="Blues", texttemplate="%{z}",
         hovertemplate="true %{y}, predicted %{x}: %{z}<extra></extra>",

@@ -104,6 +104,13 @@ def _print_metrics(metrics: dict[str, Any], *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(metrics))
         return
+    if "single_best" in metrics:  # an ensemble export: its figures beside its best member's
+        single = metrics["single_best"]
+        print(f"{'':>16}  {'ensemble of ' + str(metrics['members']):>14}  {'single best':>14}")
+        for key in ("test_acc", "test_top5", "test_loss", "test_macro_f1"):
+            print(f"{key:>16}  {metrics[key]:>14.4f}  {single[key]:>14.4f}")
+        print(f"{'checkpoint':>16}  {metrics['checkpoint']}")
+        return
     for key in ("val_acc", "val_top5", "val_loss", "best_epoch", "test_acc", "test_top5",
                 "test_loss", "test_macro_f1", "images_per_sec", "peak_memory_mb", "checkpoint"):
         if key in metrics:

@@ -1,4 +1,5 @@
-"""A trained model as a folder (`best.pt` + `config.json`) and its evaluation on the test split."""
+"""A trained model as a folder (`best.pt` + `config.json`), ensembles of several, and their
+evaluation on the test split."""
 
 from __future__ import annotations
 
@@ -40,7 +41,10 @@ def export_model(best: str | Path, out: str | Path, extra: dict[str, Any] | None
 
 
 def evaluate_saved(path: str | Path, device: str = "auto") -> dict[str, Any]:
-    """Test metrics of a saved model on the same split it was trained with."""
+    """Test metrics of a saved model on the same split it was trained with (of an ensemble
+    export: `evaluate_ensemble`)."""
+    if Path(path).is_dir() and _is_ensemble(Path(path)):
+        return evaluate_ensemble(path, device)
     rt = resolve_runtime(device, "off")
     model, payload = load_model(path, rt.device)
     cfg = with_overrides(saved_config(payload), {"device": device})
@@ -54,4 +58,62 @@ def evaluate_saved(path: str | Path, device: str = "auto") -> dict[str, Any]:
         "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
         "test_macro_f1": test["macro_f1"], "test_f1": test["f1"], "confusion": test["confusion"],
         "checkpoint": str(path),
+    }
+
+
+def _is_ensemble(folder: Path) -> bool:
+    from trainer.bundle import CONFIG, ENSEMBLE, read_info
+
+    return (folder / CONFIG).is_file() and read_info(folder).get("kind") == ENSEMBLE
+
+
+def export_bundle(bests: list[Path], out: str | Path, members: list[dict[str, Any]],
+                  formats: list[str]) -> tuple[Path, dict[str, Any]]:
+    """One model (a single `bests`) or an ensemble that averages the members' softmax, plus the
+    portable `formats` (trainer.portable). Everything is loaded and checked before anything is
+    written. Returns the folder and the portable checks."""
+    from trainer.bundle import CONFIG, ENSEMBLE, from_checkpoints
+    from trainer.portable import portable_files, write_atomic
+
+    bundle = from_checkpoints(bests, members)  # refuses members of different data
+    cfg = saved_config(checkpoint.load(bests[0]))
+    files, checks = portable_files(bundle, cfg, formats)
+    out = Path(out)
+    if len(bests) == 1:
+        export_model(bests[0], out, extra={**members[0], **({"exports": checks} if checks else {})})
+    else:
+        for i, (best, meta) in enumerate(zip(bests, members, strict=True)):
+            export_model(best, out / f"member-{i + 1}", extra=meta)
+        # The members' order is their rank: member-1 is the single best model.
+        info = {"kind": ENSEMBLE, "average": "softmax",
+                "members": [{"dir": f"member-{i + 1}", **m} for i, m in enumerate(members)],
+                "classes": bundle.classes, "image_size": bundle.image_size,
+                "in_channels": bundle.in_channels, "exports": checks}
+        write_atomic(out / CONFIG, (json.dumps(info, indent=2) + "\n").encode())
+    for name, data in files.items():
+        write_atomic(out / name, data)
+    return out, checks
+
+
+def evaluate_ensemble(path: str | Path, device: str = "auto") -> dict[str, Any]:
+    """Test metrics of an ensemble export and, under "single_best", of its best member alone."""
+    from trainer.bundle import load_export, member_folders
+
+    rt = resolve_runtime(device, "off")
+    bundle = load_export(path, rt.device)
+    first = member_folders(Path(path))[0]
+    cfg = with_overrides(saved_config(checkpoint.load(first / checkpoint.BEST)),
+                         {"device": device})
+    rt = resolve_runtime(device, cfg.amp)
+    data = load_data(cfg, rt.device)
+    # The ServingModule normalises per member: give it plain [0, 1] pixels.
+    zeros = torch.zeros(bundle.in_channels, device=rt.device)
+    ones = torch.ones(bundle.in_channels, device=rt.device)
+    test = evaluate(bundle.module.to(rt.device), data, "test", rt,
+                    batch_size=cfg.eval_batch_size, mean=zeros, std=ones, confusion=True)
+    return {
+        "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
+        "test_macro_f1": test["macro_f1"], "test_f1": test["f1"], "confusion": test["confusion"],
+        "members": len(bundle.members), "checkpoint": str(path),
+        "single_best": evaluate_saved(first, device),
     }

@@ -1,0 +1,87 @@
+"""Using a study's winners: `hpo export STUDY [--top K] [--format ...]` and `hpo serve STUDY`.
+
+The top-K complete trials of the whole pipeline, ranked by the pipeline's metric, become one
+export (K = 1: the best model alone, as before; K > 1: an ensemble averaging their softmax) or a
+running prediction service. The model code lives in trainer/ (bundle, portable, serve); this
+module only finds the trials and their checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from search import pipeline
+from search.results import best_checkpoint
+from search.space import Pipeline
+
+
+def top_trials(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline,
+               k: int) -> list[dict[str, Any]]:
+    """The k best complete trials over every stage, best first: study, stage, trial, value,
+    checkpoint. Fewer than k complete trials is an error, not a smaller ensemble."""
+    if k < 1:
+        raise pipeline.PipelineError(f"--top must be at least 1, not {k}")
+    found = []
+    for index, stage in enumerate(pipe.stages):
+        study = pipeline.load_stage_study(storage, name, stage)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.value is not None:
+                found.append({"study": name, "stage": stage.name, "trial": t.number,
+                              "value": t.value, "checkpoint": t.user_attrs.get("checkpoint", ""),
+                              "order": (index, t.number)})
+    if not found:
+        raise pipeline.PipelineError(f"study {name!r} has no complete trial yet")
+    if len(found) < k:
+        raise pipeline.PipelineError(
+            f"--top {k}: study {name!r} has only {len(found)} complete trial(s)")
+    sign = -1.0 if pipe.direction == "maximize" else 1.0
+    # Ties (equal validation accuracy is common on small splits) go to the earlier trial.
+    found.sort(key=lambda t: (sign * t["value"], t["order"]))
+    return found[:k]
+
+
+def _checkpoints(trials: list[dict[str, Any]], artifacts: str
+                 ) -> tuple[list[Path], list[dict[str, Any]]]:
+    from search.artifacts import open_artifacts
+
+    store = open_artifacts(artifacts)
+    # Every file is found (or fetched from the object store) before any is read.
+    paths = [best_checkpoint(t, store) for t in trials]
+    return paths, [{k: t[k] for k in ("study", "stage", "trial", "value")} for t in trials]
+
+
+def export(storage: optuna.storages.RDBStorage, pipe: Pipeline, args: argparse.Namespace) -> int:
+    from trainer.export import export_bundle
+    from trainer.portable import parse_formats
+
+    formats = parse_formats(args.format)
+    trials = top_trials(storage, args.study, pipe, args.top)
+    paths, members = _checkpoints(trials, args.artifacts)
+    out, checks = export_bundle(paths, args.out, members, formats)
+    what = (f"trial {members[0]['trial']} of stage {members[0]['stage']!r}" if len(members) == 1
+            else "an ensemble of trials " + ", ".join(f"{m['stage']}#{m['trial']}"
+                                                     for m in members))
+    print(f"exported {what} to {out}")
+    for name, c in checks.items():
+        print(f"  {c['file']}: matches PyTorch on {c['images']} test images (largest probability"
+              f" difference {c['max_abs_diff']:.1e}, tolerance {c['tolerance']:.0e}; top-1"
+              f" agrees on {c['top1_agree']}) [{name}]")
+    print(f"test it with `python -m trainer --evaluate {out}`; serve it with"
+          f" `python -m trainer.serve {out}`")
+    return 0
+
+
+def serve(storage: optuna.storages.RDBStorage, pipe: Pipeline, args: argparse.Namespace) -> int:
+    from trainer.bundle import from_checkpoints
+    from trainer.serve import check_threshold, start
+
+    check_threshold(args.threshold)
+    paths, members = _checkpoints(top_trials(storage, args.study, pipe, args.top),
+                                  args.artifacts)
+    bundle = from_checkpoints(paths, members)
+    return start(bundle, args)

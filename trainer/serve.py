@@ -1,0 +1,244 @@
+"""`python -m trainer.serve EXPORT_DIR`: an HTTP prediction service for an exported model or
+ensemble (no database needed), on FastAPI and uvicorn, bound to 127.0.0.1 by default.
+
+    GET  /         a page: choose or drop an image, see the top-3 classes as bars
+    POST /predict  multipart field `file` (or a raw image body); `top_k`, `threshold` optional
+    GET  /health   {"status": "ok"}
+    GET  /model    study, trial, metrics, classes, input size, preprocessing
+
+A bad upload is answered 4xx with {"error": "<one sentence>"}; the upload is only ever held in
+memory (the body is read up to the size limit before it is parsed), so nothing reaches the disk.
+`hpo serve STUDY` (search/serve_study.py) builds the model from a study and calls `serve`.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time,
+# and they name classes imported inside make_app.
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trainer.config import ConfigError
+
+if TYPE_CHECKING:
+    from trainer.predict import Predictor
+
+# Kept here, not in trainer.predict, so `hpo`'s parser can take these flags without torch.
+MAX_PIXELS = 40_000_000  # width x height; a decompression bomb is refused before decoding
+RUNTIMES = ("torch", "onnx")
+MAX_UPLOAD = 10 * 1024 * 1024
+DEFAULT_THRESHOLD = 0.7
+DEFAULT_PORT = 8000
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def make_app(predictor: "Predictor", *, threshold: float = DEFAULT_THRESHOLD,
+             max_upload: int = MAX_UPLOAD, max_pixels: int = MAX_PIXELS) -> Any:
+    """The FastAPI application serving `predictor`."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    from trainer.predict import ImageError
+    from trainer.serve_page import page
+
+    app = FastAPI(title="resnet-hpo prediction service", docs_url="/docs", redoc_url=None)
+    described = {**predictor.bundle.describe(), "runtime": predictor.runtime,
+                 "threshold": threshold, "max_upload_bytes": max_upload,
+                 "max_pixels": max_pixels}
+    html = page(described)
+
+    @app.exception_handler(HttpError)
+    async def _http_error(_: Request, e: HttpError) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def _starlette_error(_: Request, e: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"},
+                            status_code=400)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> str:
+        return html
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "runtime": predictor.runtime, "kind": predictor.bundle.kind}
+
+    @app.get("/model")
+    async def model() -> dict[str, Any]:
+        return described
+
+    @app.post("/predict")
+    async def predict(request: Request, top_k: int = 3,
+                      threshold: float | None = None) -> dict[str, Any]:
+        cut = described["threshold"] if threshold is None else threshold
+        if not 0.0 <= cut <= 1.0:
+            raise HttpError(400, f"threshold must be between 0 and 1, not {cut}")
+        if top_k < 1:
+            raise HttpError(400, f"top_k must be at least 1, not {top_k}")
+        data = await _read_image(request, max_upload)
+        try:
+            # Decoding and the forward pass hold the GIL only in parts: off the event loop.
+            top = await run_in_threadpool(predictor.predict, data, top_k, max_pixels)
+        except ImageError as e:
+            raise HttpError(e.status, str(e)) from None
+        best = top[0]
+        unknown = best["probability"] < cut
+        return {"label": "unknown" if unknown else best["name"], "unknown": unknown,
+                "threshold": cut, "predictions": top}
+
+    return app
+
+
+async def _read_image(request: Any, limit: int) -> bytes:
+    """The image bytes of a multipart upload (field `file`) or of a raw body, read only up to
+    `limit` bytes so an oversized upload is refused without being stored."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HttpError(413, f"the upload is {int(declared)} bytes, more than the limit of"
+                             f" {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HttpError(413, f"the upload is more than the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body:
+        raise HttpError(400, "the request body is empty: send an image file")
+    kind = request.headers.get("content-type", "")
+    if not kind.startswith("multipart/form-data"):
+        return body
+    return await _multipart_file(request.headers, body, limit)
+
+
+async def _multipart_file(headers: Any, body: bytes, limit: int) -> bytes:
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def once() -> Any:
+        yield body
+
+    parser = MultiPartParser(headers, once(), max_files=1, max_fields=10)
+    parser.spool_max_size = limit + 1  # keep the part in memory: the body is already bounded
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise HttpError(400, f"the multipart body could not be read: {e.message}") from None
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise HttpError(400, "the multipart body has no file field named 'file'")
+        return await upload.read()
+    finally:
+        await form.close()
+
+
+def serve(predictor: "Predictor", *, host: str, port: int, threshold: float,
+          max_upload: int = MAX_UPLOAD, max_pixels: int = MAX_PIXELS) -> int:
+    """Run the service until SIGINT or SIGTERM (uvicorn finishes requests in flight)."""
+    import uvicorn
+
+    check_threshold(threshold)
+    app = make_app(predictor, threshold=threshold, max_upload=max_upload, max_pixels=max_pixels)
+    b = predictor.bundle
+    print(f"serving {b.kind} model ({len(b.members)} member(s), {len(b.classes)} classes,"
+          f" {predictor.runtime}) on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False)
+    _server_class()(config).run()
+    return 0
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class QuietExit(uvicorn.Server):
+        """uvicorn, which raises SIGTERM/SIGINT again once it has shut down gracefully (exit
+        status -15, or a KeyboardInterrupt): here a stop that finished its requests exits 0, like
+        `hpo worker`, so a service manager does not count it as a crash."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                getattr(self, "_captured_signals", []).clear()
+
+    return QuietExit
+
+
+def check_threshold(threshold: float) -> None:
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"--threshold must be between 0 and 1, not {threshold}")
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    """The flags both serve commands take."""
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"(default {DEFAULT_PORT})")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="top probability under which the answer is 'unknown' (default"
+                        f" {DEFAULT_THRESHOLD}; the page has a field for it)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                   help="torch (PyTorch eager) or onnx (ONNX Runtime)")
+    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD / 2**20,
+                   help="largest upload accepted (default 10)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"largest width x height decoded (default {MAX_PIXELS})")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for inference")
+
+
+def start(bundle: Any, args: argparse.Namespace, onnx_model: bytes | None = None) -> int:
+    """Both serve commands end here: the Predictor on the chosen runtime, then the server."""
+    import torch
+
+    check_threshold(args.threshold)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from trainer.predict import Predictor
+
+    predictor = Predictor(bundle, args.runtime, onnx_model=onnx_model, threads=args.threads)
+    return serve(predictor, host=args.host, port=args.port, threshold=args.threshold,
+                 max_upload=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.serve",
+                                description="Serve an exported model (hpo export) over HTTP.")
+    p.add_argument("export", type=Path, help="a folder written by `hpo export`")
+    add_flags(p)
+    args = p.parse_args(argv)
+    try:
+        from trainer.bundle import load_export
+        from trainer.portable import FILES
+
+        check_threshold(args.threshold)
+        bundle = load_export(args.export)
+        onnx_file = args.export / FILES["onnx"]
+        # The checked file from `hpo export --format onnx` when there is one; else the model is
+        # converted in memory at start-up.
+        onnx_model = onnx_file.read_bytes() if args.runtime == "onnx" and onnx_file.is_file() \
+            else None
+        return start(bundle, args, onnx_model)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
