@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg2
@@ -81,6 +83,17 @@ def start_worker(study: str, *, url: str, cwd: Path, log: Path, **extra: str) ->
          "--threads", "1", "--artifacts", str(cwd / "artifacts")],
         cwd=cwd, env=hpo_env(url, **extra), stdout=out, stderr=subprocess.STDOUT,
     )
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 300) -> None:
+    """Poll until `predicate()` holds. The timeout only bounds how long a failure takes to be
+    reported; nothing is asserted about how long the wait was."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def write_space(path: Path, body: str) -> Path:

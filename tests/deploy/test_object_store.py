@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from search import pipeline
 from search.retry import reap
 from search.storage import open_storage
-from tests.helpers import hpo, hpo_env, write_space
+from tests.helpers import hpo, hpo_env, wait_for, write_space
 
 BUCKET = "hpo-test"
 PREFIX = "runs/one"
@@ -81,7 +81,7 @@ def s3(tmp_path: Path) -> Iterator[dict[str, str]]:
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
     try:
-        _wait_for(lambda: _answers(port) or proc.poll() is not None, "moto_server", 60)
+        wait_for(lambda: _answers(port) or proc.poll() is not None, "moto_server", 60)
         assert proc.poll() is None, (tmp_path / "moto.log").read_text()
         _client(env).create_bucket(Bucket=BUCKET)
         yield env
@@ -109,14 +109,6 @@ def _keys(env: dict[str, str]) -> set[str]:
     listed = _client(env).list_objects_v2(Bucket=BUCKET, Prefix=PREFIX + "/")
     return {o["Key"][len(PREFIX) + 1:] for o in listed.get("Contents", [])}
 
-
-def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _worker(name: str, tmp: Path, url: str, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
@@ -155,21 +147,21 @@ def test_workers_that_share_no_folder_resume_and_distil_through_the_bucket(
 
     # A: SIGKILLed mid-trial, once its epoch checkpoint is in the bucket.
     a, a_dir = _worker("a", tmp_path, pg_url, s3)
-    _wait_for(lambda: _running_with_checkpoint(optimizer, s3, "s/optimizer/trial-00000"),
+    wait_for(lambda: _running_with_checkpoint(optimizer, s3, "s/optimizer/trial-00000"),
               "worker A's first checkpoint in the bucket")
     a.send_signal(signal.SIGKILL)
     a.wait(30)
     (killed,) = optimizer.get_trials(states=(TrialState.RUNNING,))
     # Its heartbeat goes stale; the reaper every live worker runs fails it and queues a retry.
     # Run here, it makes the retry the only trial B can take, whatever the machine's speed.
-    _wait_for(lambda: bool(optimizer._storage._get_stale_trial_ids(optimizer._study_id)),
+    wait_for(lambda: bool(optimizer._storage._get_stale_trial_ids(optimizer._study_id)),
               "the killed trial's heartbeat to go stale", 120)
     reap(optimizer, killed._trial_id)
 
     # B: takes the retry, resumes it from the bucket, then starts the distillation stage and is
     # stopped one epoch in: the hand-back writes that epoch and uploads it before B exits.
     b, b_dir = _worker("b", tmp_path, pg_url, s3)
-    _wait_for(lambda: any(len(t.intermediate_values) >= 1
+    wait_for(lambda: any(len(t.intermediate_values) >= 1
                           for t in distill.get_trials(states=(TrialState.RUNNING,))),
               "worker B one epoch into the distillation stage")
     b.send_signal(signal.SIGTERM)

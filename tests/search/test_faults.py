@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -17,7 +15,7 @@ from optuna.trial import TrialState
 from search import pipeline
 from search.storage import open_storage
 from search.worker import ERROR_LIMIT
-from tests.helpers import hpo, start_worker, table_names, write_space
+from tests.helpers import hpo, start_worker, table_names, wait_for, write_space
 
 ONE_STAGE = """
     dataset = "digits"
@@ -48,14 +46,6 @@ def _study(url: str, name: str) -> optuna.Study:
     return pipeline.load_stage_study(storage, name, pipeline.load(storage, name).stages[0])
 
 
-def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 def _running_on(study: optuna.Study, pid: int, epochs: int) -> optuna.trial.FrozenTrial | None:
     """The trial worker `pid` runs, once it has reported `epochs` epochs."""
@@ -79,9 +69,9 @@ def test_sigkilled_worker_trial_is_retried_from_its_checkpoint(pg_url: str, tmp_
     victim = start_worker("k", url=pg_url, cwd=tmp_path, log=tmp_path / "victim.log")
     # The other worker starts once the victim holds a trial, so the victim has one to die in
     # however the two start-ups race.
-    _wait_for(lambda: _running_on(study, victim.pid, 0) is not None, "the victim to take a trial")
+    wait_for(lambda: _running_on(study, victim.pid, 0) is not None, "the victim to take a trial")
     other = start_worker("k", url=pg_url, cwd=tmp_path, log=tmp_path / "other.log")
-    _wait_for(lambda: _running_on(study, victim.pid, 2) is not None,
+    wait_for(lambda: _running_on(study, victim.pid, 2) is not None,
               "the victim to report two epochs")
     number = _running_on(study, victim.pid, 2).number  # type: ignore[union-attr]
     victim.send_signal(signal.SIGKILL)
@@ -118,7 +108,7 @@ def test_sigterm_hands_the_trial_back_and_exits_zero(pg_url: str, tmp_path: Path
                cwd=tmp_path).returncode == 0
     study = _study(pg_url, "t")
     first = start_worker("t", url=pg_url, cwd=tmp_path, log=tmp_path / "first.log")
-    _wait_for(lambda: any(len(t.intermediate_values) >= 1
+    wait_for(lambda: any(len(t.intermediate_values) >= 1
                           for t in study.get_trials(states=(TrialState.RUNNING,))),
               "an epoch to be reported")
     first.send_signal(signal.SIGTERM)
