@@ -103,10 +103,6 @@ def stage_state(study: optuna.Study) -> tuple[Counts, budget.Limit]:
     return budget.state(_engine(study), study._study_id)
 
 
-def stage_closed(study: optuna.Study) -> bool:
-    return budget.closed(*stage_state(study))
-
-
 def _engine(study: optuna.Study) -> sa.Engine:
     storage = study._storage
     # load_study wraps an RDBStorage in a caching layer; the engine belongs to the backend.

@@ -65,7 +65,6 @@ class Deduplicating(BaseSampler):
     ) -> None:
         self.base, self.space, self.configurations = base, space, list(configurations)
         self._rng = random.Random(seed)
-        self.replaced = 0  # proposals that were repeats (for tests and logs)
 
     def infer_relative_search_space(
         self, study: optuna.Study, trial: FrozenTrial
@@ -87,7 +86,6 @@ class Deduplicating(BaseSampler):
         untried = [c for c in self.configurations if grid.key(c) not in held]
         if not untried:  # a race past `claim.ask`'s count; train the repeat rather than nothing
             return proposal
-        self.replaced += 1
         return dict(self._rng.choice(untried))
 
     def sample_independent(

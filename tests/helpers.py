@@ -85,6 +85,18 @@ def start_worker(study: str, *, url: str, cwd: Path, log: Path, **extra: str) ->
     )
 
 
+def stop_process(proc: subprocess.Popen, grace: float = 30) -> int:
+    """SIGTERM, as a service manager stops it; SIGKILL after `grace` seconds. Its exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 300) -> None:
     """Poll until `predicate()` holds. The timeout only bounds how long a failure takes to be
     reported; nothing is asserted about how long the wait was."""

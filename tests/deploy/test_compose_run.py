@@ -33,7 +33,7 @@ from tests.deploy import (
     service,
     volume_targets,
 )
-from tests.helpers import tiny_space
+from tests.helpers import stop_process, tiny_space
 
 STUDY = "fleet"
 # The only deviations from the compose file's environment: this machine has no GPU (the file
@@ -109,19 +109,9 @@ class Compose:
         try:
             code = proc.wait(timeout)
         finally:
-            stop(proc)
+            stop_process(proc)
         assert code == 0, f"service {name} exited {code}:\n{log.read_text()[-3000:]}"
         return log.read_text()
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def wait_for(logs: list[Path], pattern: str, procs: list[subprocess.Popen], timeout: float) -> int:
@@ -196,7 +186,7 @@ def test_compose_services_run_a_staged_search_as_local_processes(
             assert code == 0, f"worker {i + 1} exited {code}:\n{worker_logs[i].read_text()[-3000:]}"
     finally:
         for proc in workers:
-            stop(proc)
+            stop_process(proc)
 
     # Every stage's budget is spent and nothing was lost: no trial left running or waiting.
     storage = open_storage(pg_url)
@@ -239,7 +229,7 @@ def test_compose_services_run_a_staged_search_as_local_processes(
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard/", timeout=10) as r:
             assert r.status == 200 and b"<html" in r.read().lower()
     finally:
-        stop(dashboard)
+        stop_process(dashboard)
 
 
 def _study_names(base: str, proc: subprocess.Popen, log: Path) -> set[str]:

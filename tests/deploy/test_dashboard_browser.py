@@ -26,7 +26,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.helpers import hpo_env
+from tests.helpers import hpo_env, stop_process
 
 STAGES = ("done/optimizer", "done/regularization")
 STARTUP_SECONDS = 120
@@ -84,12 +84,7 @@ def dashboard(
                 time.sleep(0.5)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
 
 
 def browse(url: str, tmp: Path, *, screenshot: Path | None = None) -> str:

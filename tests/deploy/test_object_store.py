@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from search import pipeline
 from search.retry import reap
 from search.storage import open_storage
-from tests.helpers import hpo, hpo_env, wait_for, write_space
+from tests.helpers import hpo, hpo_env, stop_process, wait_for, write_space
 
 BUCKET = "hpo-test"
 PREFIX = "runs/one"
@@ -86,8 +86,7 @@ def s3(tmp_path: Path) -> Iterator[dict[str, str]]:
         _client(env).create_bucket(Bucket=BUCKET)
         yield env
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_process(proc)
 
 
 def _answers(port: int) -> bool:

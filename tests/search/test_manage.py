@@ -35,6 +35,7 @@ from tests.helpers import (
     hpo,
     hpo_env,
     start_stub_worker,
+    stop_process,
     tiny_space,
 )
 from tests.search.test_dashboard_api import _free_port
@@ -142,8 +143,7 @@ def test_stock_tools_open_a_plain_postgresql_url(done: tuple[str, str, Path]) ->
         attrs = {a["key"]: a["value"] for a in trial["user_attrs"]}
         assert data == Path(attrs["checkpoint"]).read_bytes()
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_process(proc)
 
 
 def test_list_and_status_alone_show_each_study(done: tuple[str, str, Path]) -> None:

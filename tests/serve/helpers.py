@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tests.helpers import stop_process
+
 STARTUP_SECONDS = 180
 
 
@@ -39,14 +41,7 @@ class Server:
 
     def stop(self) -> int:
         """SIGTERM, as a service manager stops it; returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, grace=60)
 
 
 def start_server(cmd: list[str], *, cwd: Path, log: Path, env: dict[str, str] | None = None,

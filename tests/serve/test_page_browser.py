@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.deploy.test_dashboard_browser import _chromium
-from tests.helpers import hpo_env
+from tests.helpers import hpo_env, stop_process
 from tests.serve.helpers import Server, digit_image, encode, get_json, predict, start_server
 
 BROWSER_SECONDS = 120
@@ -89,12 +89,7 @@ def chromium(tmp_path: Path) -> Iterator[DevTools]:
         yield tools
         tools.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
 
 
 @pytest.fixture
