@@ -229,7 +229,8 @@ def cutting(shim: Shim, ask: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def install_ours(shim: Shim) -> None:
-    from search import beat, objective, pipeline, registry, storage, worker
+    from search.db import pipeline, registry, storage
+    from search.runtime import beat, objective, worker
 
     if hasattr(worker, "ask"):  # the worker's own ask, which calls Study.ask only at times
         worker.ask = cutting(shim, worker.ask)

@@ -24,8 +24,8 @@ dropout (regularization). For each seed:
   differs. Its first `startup` trials are random, as in each of our stages.
 
 The two joint methods run in-process: an Optuna loop calling `trainer.train` on the config the
-space file gives (`search.space` + `search.objective.suggest`, the same code our worker samples
-with), so they share the trainer's data cache like a persistent worker.
+space file gives (`search.space` + `search.runtime.objective.suggest`, the same code our worker
+samples with), so they share the trainer's data cache like a persistent worker.
 
 Accounting, identical for all three: every trained epoch counts, in the order it was trained
 (pruned trials count the epochs they ran). A run is cut at `--budget` epochs; the joint loops
@@ -33,8 +33,8 @@ stop there, our pipeline's surplus epochs are discarded. **Best** is the highest
 accuracy of any epoch within the budget; **epochs to target** is the cumulative count of epochs
 when an epoch first reaches `--target` (censored at the budget when no epoch does). Seed s sets
 the training seed of every trial and the sampler seed of the joint methods; our worker seeds TPE
-from its worker id (search/worker.py), so runs of ours share one SQLite database and start one
-after another: in a fresh work folder the worker of seed s gets id s + 1.
+from its worker id (search/runtime/worker.py), so runs of ours share one SQLite database and start
+one after another: in a fresh work folder the worker of seed s gets id s + 1.
 
 The figures count epochs, not seconds, so load from other processes does not change them; the
 wall times printed beside them do change with load.
@@ -186,8 +186,8 @@ def run_joint(method: str, seed: int, mode: Mode, space: Path) -> Run:
     import optuna
     import torch
 
-    from search.objective import suggest
-    from search.space import base_config, load_space
+    from search.runtime.objective import suggest
+    from search.space.spec import base_config, load_space
     from trainer.config import TrainConfig, with_overrides
     from trainer.train import train
 
@@ -199,7 +199,7 @@ def run_joint(method: str, seed: int, mode: Mode, space: Path) -> Run:
         sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
         pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
     else:
-        # The worker's settings (search/worker.py), with the space file's startup counts.
+        # The worker's settings (search/runtime/worker.py), with the space file's startup counts.
         sampler = optuna.samplers.TPESampler(
             n_startup_trials=stage.sampler.startup_trials, multivariate=True, group=True,
             constant_liar=True, seed=seed)
@@ -262,8 +262,8 @@ def run_staged(seed: int, mode: Mode, space: Path, work: Path, url: str) -> Run:
 def read_staged(seed: int, name: str, url: str) -> Run:
     import optuna
 
-    from search import pipeline
-    from search.storage import open_storage
+    from search.db import pipeline
+    from search.db.storage import open_storage
 
     storage = open_storage(url)
     pipe = pipeline.load(storage, name)

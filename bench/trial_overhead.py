@@ -131,28 +131,29 @@ def install_trainer_timers(timer: CallTimer) -> None:
 def install_search_timers(timer: CallTimer) -> None:
     import optuna
 
-    import search.beat
-    import search.objective
-    import search.pipeline
-    import search.registry
-    import search.worker
+    import search.db.pipeline
+    import search.db.registry
+    import search.runtime.beat
+    import search.runtime.objective
+    import search.runtime.worker
 
     timer.wrap(optuna.study.Study, "ask", "ask (incl. TPE)")
-    if hasattr(search.worker, "ask"):  # the worker's ask, which calls Study.ask only at times
-        timer.wrap(search.worker, "ask", "ask (incl. TPE)")
+    # The worker's ask, which calls Study.ask only at times.
+    if hasattr(search.runtime.worker, "ask"):
+        timer.wrap(search.runtime.worker, "ask", "ask (incl. TPE)")
     timer.wrap(optuna.study.Study, "tell", "tell")
     timer.wrap(optuna.trial.Trial, "report", "per-epoch report")
     timer.wrap(optuna.trial.Trial, "should_prune", "per-epoch should_prune")
     timer.wrap(optuna.trial.Trial, "set_user_attr", USER_ATTRS)
     # Where the worker writes several attributes in one transaction, it calls this instead.
-    for module in (search.objective, search.worker):
+    for module in (search.runtime.objective, search.runtime.worker):
         if hasattr(module, "set_user_attrs"):
             timer.wrap(module, "set_user_attrs", USER_ATTRS)
-    timer.wrap(search.objective, "trial_config", "sample params + config")
-    timer.wrap(search.objective, "upload_artifact", "artifact upload")
-    timer.wrap(search.pipeline, "counts", "count trials")
-    timer.wrap(search.registry, "touch_worker", "worker registry")
-    timer.wrap(search.beat.Beat, "watch", "heartbeat at start")
+    timer.wrap(search.runtime.objective, "trial_config", "sample params + config")
+    timer.wrap(search.runtime.objective, "upload_artifact", "artifact upload")
+    timer.wrap(search.db.pipeline, "counts", "count trials")
+    timer.wrap(search.db.registry, "touch_worker", "worker registry")
+    timer.wrap(search.runtime.beat.Beat, "watch", "heartbeat at start")
 
 
 def dump_timings(path: str, timer: CallTimer, marks: dict[str, float]) -> None:

@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from search import pipeline
 from search.artifacts import ArtifactsError, open_artifacts
-from search.space import Pipeline, SpaceError, check_data, load_space
-from search.storage import StorageError, open_storage, redact, resolve_url
+from search.db import pipeline
+from search.db.storage import StorageError, open_storage, redact, resolve_url
+from search.space.spec import Pipeline, SpaceError, check_data, load_space
 from trainer.config import ConfigError
 
 DEFAULT_ARTIFACTS = "hpo-artifacts"
@@ -203,7 +203,7 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from search.worker import Worker
+    from search.runtime.worker import Worker
 
     _set_threads(args.threads)
     store = open_artifacts(args.artifacts)
@@ -231,7 +231,7 @@ def _set_threads(threads: int) -> None:
         sys.modules["torch"].set_num_threads(threads)
     else:
         # torch sizes its thread pool from OMP_NUM_THREADS when it is first imported: a worker
-        # imports it with its first trial, not at start-up (see search/objective.py `train`).
+        # imports it with its first trial, not at start-up (search/runtime/objective.py, `train`).
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
@@ -257,7 +257,7 @@ def _open(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _status(args: argparse.Namespace) -> int:
     from search import commands
-    from search.status import print_status, status_dict
+    from search.results.status import print_status, status_dict
 
     if args.study is None:
         return commands.list_studies(args)
@@ -273,7 +273,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _best(args: argparse.Namespace) -> int:
     from search import commands
-    from search.results import best
+    from search.results.best import best
 
     if not args.json:
         return commands.best(args)
@@ -283,7 +283,7 @@ def _best(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from search.report import write_report
+    from search.results.report import write_report
 
     storage, pipe = _open(args)
     write_report(storage, args.study, pipe, args.out)
@@ -296,13 +296,13 @@ def _top_flag(c: argparse.ArgumentParser, what: str) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from search.serve_study import export
+    from search.results.serve import export
 
     return export(*_open(args), args)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from search.serve_study import serve
+    from search.results.serve import serve
 
     return serve(*_open(args), args)
 

@@ -1,6 +1,7 @@
 """Handlers of the `hpo` commands a person runs at the terminal: `run` with its live view and
-closing summary, `status --watch`, `list`, `best`, `delete`, `extend` and `enqueue`. search/cli.py
-holds their flags; the work is in search/live.py, search/manage.py and search/summary.py.
+closing summary, `status --watch`, `list`, `best`, `delete`, `extend` and `enqueue`.
+search/cli.py holds their flags; the work is in search/results/live.py, search/manage.py and
+search/results/summary.py.
 """
 
 from __future__ import annotations
@@ -14,18 +15,20 @@ from pathlib import Path
 
 import optuna
 
-from search import live, manage, pipeline, snapshot
+from search import manage
 from search.artifacts import Artifacts, open_artifacts
-from search.snapshot import Snapshot
-from search.space import Pipeline
-from search.storage import open_storage, resolve_url
+from search.db import pipeline
+from search.db.storage import open_storage, resolve_url
+from search.results import live, snapshot
+from search.results.snapshot import Snapshot
+from search.space.spec import Pipeline
 
 LOG_NAME = "run.log"  # per study, under the artifacts folder: `hpo delete` removes it with them
 
 
 def run(args: argparse.Namespace, url: str, name: str, store: Artifacts) -> int:
     """`hpo run` after the study was created: workers, the live view, then the summary."""
-    from search.local import run_local
+    from search.runtime.local import run_local
 
     storage = open_storage(url)
     pipe = pipeline.load(storage, name)
@@ -52,8 +55,8 @@ def run(args: argparse.Namespace, url: str, name: str, store: Artifacts) -> int:
 
 def _summary(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline, snap: Snapshot,
              elapsed: float, code: int, log_path: Path) -> list[str]:
-    from search.results import best
-    from search.summary import run_summary
+    from search.results.best import best
+    from search.results.summary import run_summary
 
     try:
         info = best(storage, name, pipe)
@@ -77,7 +80,7 @@ def _since(snap: Snapshot) -> float:
 
 
 def list_studies(args: argparse.Namespace) -> int:
-    from search.status import _table
+    from search.results.status import _table
 
     rows = manage.list_rows(open_storage(resolve_url(args.storage)))
     if not rows:
@@ -88,8 +91,8 @@ def list_studies(args: argparse.Namespace) -> int:
 
 
 def best(args: argparse.Namespace) -> int:
-    from search.results import best as best_info
-    from search.summary import best_lines
+    from search.results.best import best as best_info
+    from search.results.summary import best_lines
 
     storage = open_storage(resolve_url(args.storage))
     pipe = pipeline.load(storage, args.study)

@@ -16,11 +16,13 @@ from typing import Any
 
 import optuna
 import sqlalchemy as sa
-from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
 
-from search import pipeline, registry, snapshot
-from search.budget import BUDGET
-from search.params import (
+from search.db import optuna_private as op
+from search.db import pipeline, registry
+from search.db.budget import BUDGET
+from search.db.storage import GRACE_SECONDS
+from search.results import snapshot
+from search.space.params import (
     CategoricalParam,
     FloatParam,
     IntParam,
@@ -30,8 +32,7 @@ from search.params import (
     field_value,
     show,
 )
-from search.space import Pipeline, Stage, base_config
-from search.storage import GRACE_SECONDS
+from search.space.spec import Pipeline, Stage, base_config
 
 PipelineError = pipeline.PipelineError
 
@@ -194,7 +195,7 @@ def plan_delete(
         for t in pipeline.load_stage_study(storage, name, stage).get_trials(deepcopy=False):
             trials += 1
             for key, value in t.system_attrs.items():
-                if key.startswith(ARTIFACTS_ATTR_PREFIX):
+                if key.startswith(op.ARTIFACTS_ATTR_PREFIX):
                     files.append(artifacts / "store" / json.loads(value)["artifact_id"])
     folder = artifacts / name
     paths = [p for p in [folder, *files] if p.exists()]

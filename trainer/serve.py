@@ -8,7 +8,7 @@ ensemble (no database needed), on FastAPI and uvicorn, bound to 127.0.0.1 by def
 
 A bad upload is answered 4xx with {"error": "<one sentence>"}; the upload is only ever held in
 memory (the body is read up to the size limit before it is parsed), so nothing reaches the disk.
-`hpo serve STUDY` (search/serve_study.py) builds the model from a study and calls `serve`.
+`hpo serve STUDY` (search/results/serve.py) builds the model from a study and calls `serve`.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time,

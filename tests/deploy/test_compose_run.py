@@ -21,8 +21,8 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-from search import pipeline
-from search.storage import open_storage
+from search.db import pipeline
+from search.db.storage import open_storage
 from tests.deploy import (
     SECRETS_DIR,
     environment,

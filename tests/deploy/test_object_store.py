@@ -26,9 +26,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import pipeline
-from search.retry import reap
-from search.storage import open_storage
+from search.db import pipeline
+from search.db.storage import open_storage
+from search.runtime.retry import reap
 from tests.helpers import hpo, hpo_env, stop_process, wait_for, write_space
 
 BUCKET = "hpo-test"

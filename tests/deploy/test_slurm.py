@@ -22,8 +22,8 @@ import pytest
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from search import pipeline
-from search.storage import open_storage
+from search.db import pipeline
+from search.db.storage import open_storage
 from tests.deploy import read_env_file
 from tests.deploy.slurm_cluster import GPUS, Cluster, missing
 from tests.helpers import ROOT, tiny_space

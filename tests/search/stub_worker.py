@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from search import cli, objective
+from search import cli
+from search.runtime import objective
 from trainer.config import TrainConfig
 from trainer.errors import Interrupted
 
@@ -34,7 +35,8 @@ BEST = "best.pt"  # trainer.checkpoint.BEST (importing that module imports torch
 
 @dataclass
 class Result:
-    """The fields of `trainer.train.Result` that `search.objective.run` reads, with its meaning."""
+    """The fields of `trainer.train.Result` that `search.runtime.objective.run` reads, with its
+    meaning."""
 
     val_acc: float
     val_top5: float

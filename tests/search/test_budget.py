@@ -1,4 +1,4 @@
-"""Stage budgets as slots (`search.budget`): the rules themselves, exactly the budget with many
+"""Stage budgets as slots (`search.db.budget`): the rules themselves, exactly the budget with many
 workers on both databases, and a stage that does not beat the configuration it started from
 saying so."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from search import budget, pipeline
-from search.storage import open_storage
+from search.db import budget, pipeline
+from search.db.storage import open_storage
 from tests.helpers import hpo, start_stub_worker, write_space
 
 TWO_STAGES = """

@@ -16,11 +16,11 @@ from optuna.storages._rdb import models
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from search.claim import ask
-from search.objective import suggest_once, upload_once
-from search.params import FloatParam
-from search.retry import reap, requeue
-from search.storage import open_storage, with_retry
+from search.db.storage import open_storage, with_retry
+from search.db.writes import ask
+from search.runtime.objective import suggest_once, upload_once
+from search.runtime.retry import reap, requeue
+from search.space.params import FloatParam
 from tests.search.tcp_proxy import FlakyProxy
 
 

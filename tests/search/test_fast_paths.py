@@ -15,8 +15,9 @@ import pytest
 import sqlalchemy as sa
 from optuna.trial import TrialState
 
-from search import algorithms
-from search.storage import ping_when_idle, set_user_attrs
+from search.db.storage import ping_when_idle
+from search.db.writes import set_user_attrs
+from search.runtime import algorithms
 from tests.helpers import ROOT, admin
 
 EPOCHS = 6
@@ -89,7 +90,7 @@ def test_stub_worker_never_imports_torch() -> None:
     probe = ("import runpy, sys; sys.argv = ['stub', '--help'];\n"
              "try: runpy.run_module('tests.search.stub_worker', run_name='__main__')\n"
              "except SystemExit: pass\n"
-             "import search.worker\n"
+             "import search.runtime.worker\n"
              "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
@@ -167,7 +168,7 @@ def test_one_read_of_the_study_per_ask(pg_url: str, ours: bool) -> None:
     worker's once."""
     from optuna.storages._cached_storage import _CachedStorage
 
-    from search.worker import ask
+    from search.runtime.worker import ask
 
     study = _study(optuna.storages.RDBStorage(pg_url), "reads", ours=ours)
     others = [study.ask() for _ in range(3)]  # running trials of other workers

@@ -12,9 +12,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import pipeline
-from search.storage import open_storage
-from search.worker import ERROR_LIMIT
+from search.db import pipeline
+from search.db.storage import open_storage
+from search.runtime.worker import ERROR_LIMIT
 from tests.helpers import hpo, start_worker, table_names, wait_for, write_space
 
 ONE_STAGE = """

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from search import pipeline
-from search.storage import open_storage
+from search.db import pipeline
+from search.db.storage import open_storage
 from tests.helpers import ROOT, hpo, hpo_env, tiny_space
 
 SCREEN_SECONDS = 300  # generous: a failure only takes longer to report

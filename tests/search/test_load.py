@@ -10,8 +10,8 @@ import pytest
 import sqlalchemy as sa
 from optuna.trial import TrialState
 
-from search import pipeline
-from search.storage import open_storage
+from search.db import pipeline
+from search.db.storage import open_storage
 from tests.helpers import hpo, start_stub_worker, write_space
 
 SPACE = """

@@ -23,9 +23,10 @@ import sqlalchemy as sa
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from search import cli, pipeline, registry
-from search.budget import BUDGET
-from search.storage import open_storage
+from search import cli
+from search.db import pipeline, registry
+from search.db.budget import BUDGET
+from search.db.storage import open_storage
 from tests.helpers import (
     ADMIN_URL,
     ROOT,
@@ -302,7 +303,8 @@ def test_delete_waits_for_live_workers_then_removes_everything(
 
 
 def test_status_says_why_trials_did_not_complete(done: tuple[str, str, Path]) -> None:
-    """Trials as the worker records each outcome (search/worker.py), written through Optuna."""
+    """Trials as the worker records each outcome (search/runtime/worker.py), written through
+    Optuna."""
     url, _, cwd = done
     space = tiny_space(cwd / "why.toml", trials1=8, trials2=2)
     assert hpo("create", "--space", str(space), "--study", "why", url=url,

@@ -10,7 +10,7 @@ import optuna
 import pytest
 from optuna.testing.pytest_storages import StorageTestCase
 
-from search.storage import open_storage
+from search.db.storage import open_storage
 
 
 @pytest.fixture

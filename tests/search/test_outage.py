@@ -15,8 +15,8 @@ import pytest
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from search import pipeline
-from search.storage import open_storage
+from search.db import pipeline
+from search.db.storage import open_storage
 from tests.helpers import hpo, start_stub_worker, write_space
 from tests.search.tcp_proxy import FlakyProxy
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from plotly.offline import get_plotlyjs
 
-from search import pipeline
-from search.report import format_value
-from search.results import best
-from search.storage import open_storage
+from search.db import pipeline
+from search.db.storage import open_storage
+from search.results.best import best
+from search.results.report import format_value
 from tests.helpers import hpo, tiny_space
 
 

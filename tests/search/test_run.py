@@ -11,8 +11,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from search import pipeline
-from search.storage import open_storage
+from search.db import pipeline
+from search.db.storage import open_storage
 from tests.helpers import hpo, hpo_env, tiny_space
 from trainer.config import TrainConfig, with_overrides
 

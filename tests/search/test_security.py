@@ -12,7 +12,7 @@ import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
-from search.storage import build_url, redact
+from search.db.storage import build_url, redact
 from tests.helpers import admin, hpo, hpo_env, tiny_space
 
 HOSTILE = "p@ss:w/rd{x}%41 é;'\""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from search.space import (
+from search.space.spec import (
     MAX_BYTES,
     CategoricalParam,
     FloatParam,

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from search.params import PARAM_KEYS
-from search.space import (
+from search.space.params import PARAM_KEYS
+from search.space.spec import (
     STAGE_KEYS,
     TOP_KEYS,
     CategoricalParam,

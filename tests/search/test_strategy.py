@@ -11,11 +11,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import grid, pipeline
-from search.params import CategoricalParam, FloatParam, IntParam
-from search.space import Pipeline, SpaceError, parse_space
-from search.storage import open_storage
-from search.strategy import Deduplicating, make_pruner, make_sampler
+from search.db import pipeline
+from search.db.storage import open_storage
+from search.runtime.strategy import Deduplicating, make_pruner, make_sampler
+from search.space import grid
+from search.space.params import CategoricalParam, FloatParam, IntParam
+from search.space.spec import Pipeline, SpaceError, parse_space
 from tests.helpers import hpo, start_stub_worker, write_space
 
 STAGE = """
@@ -155,7 +156,7 @@ def test_a_hyperband_stage_prunes_and_spends_exactly_its_budget(
 
 
 def test_a_configuration_is_reserved_by_one_trial_at_a_time(pg_url: str) -> None:
-    from search.claim import reserve
+    from search.db.writes import reserve
 
     study = optuna.create_study(storage=open_storage(pg_url, create_schema=True))
     first, second = study.ask(), study.ask()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from search.report import _class_names
+from search.results.report import _class_names
 from tests.serve.helpers import bomb_png, digit_image, encode, noise_png
 from trainer.bundle import from_checkpoints
 from trainer.config import ConfigError, TrainConfig

@@ -15,9 +15,10 @@ from collections.abc import Callable
 
 import optuna
 
-from search import registry
-from search.retry import reap
-from search.storage import GRACE_SECONDS, HEARTBEAT_SECONDS, root_cause
+from search.db import optuna_private as op
+from search.db import registry
+from search.db.storage import GRACE_SECONDS, HEARTBEAT_SECONDS, root_cause
+from search.runtime.retry import reap
 
 log = logging.getLogger(__name__)
 REAP_SECONDS = float(max(1, min(HEARTBEAT_SECONDS, GRACE_SECONDS // 4)))
@@ -88,7 +89,7 @@ class Beat:
 
     def _reap(self) -> None:
         for study in self.studies():
-            for trial_id in study._storage._get_stale_trial_ids(study._study_id):
+            for trial_id in op.stale_trial_ids(study):
                 reap(study, trial_id)
 
     @staticmethod

@@ -17,10 +17,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import budget, pipeline, registry
-from search.attrs import RETRY_OF
-from search.space import Pipeline, Stage
-from search.storage import GRACE_SECONDS
+from search.db import budget, pipeline, registry
+from search.db.attrs import RETRY_OF
+from search.db.storage import GRACE_SECONDS
+from search.space.spec import Pipeline, Stage
 
 # What a finished trial's outcome is called, from its state and the worker's `fail_reason`.
 PRUNED_REASONS = {"oom": "out of memory", "diverged": "diverged"}
@@ -64,7 +64,7 @@ class StageView:
     retried_as: dict[int, int] = field(default_factory=dict)  # trial -> the retry queued for it
     handed_back_trials: list[int] = field(default_factory=list)
     enqueued: int = 0  # configurations queued by `hpo enqueue`
-    done: bool = False  # closed by the budget rules (`search.budget`), and nothing left running
+    done: bool = False  # closed by the budget rules (`search.db.budget`), and nothing left running
 
     @property
     def finished(self) -> int:

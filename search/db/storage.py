@@ -5,22 +5,17 @@ that keep many workers and short outages harmless.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
-import sqlalchemy.dialects.postgresql
-import sqlalchemy.dialects.sqlite
-from optuna.storages._rdb import models
-from optuna.trial import TrialState
 from sqlalchemy.engine import URL, make_url
 
 DEFAULT_URL = "sqlite:///hpo.db"  # in the working directory: the embedded default
@@ -33,8 +28,8 @@ PING_IDLE_SECONDS = 2.0  # a pooled connection unused for longer is checked befo
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Heartbeats, the stale-trial reaper and grouped TPE are marked experimental in Optuna; we rely on
-# them knowingly. The worker beats for ask/tell trials itself (search/beat.py), which Optuna's
-# "heartbeat is supposed to be used with Study.optimize" warning does not know about.
+# them knowingly. The worker beats for ask/tell trials itself (search/runtime/beat.py), which
+# Optuna's "heartbeat is supposed to be used with Study.optimize" warning does not know about.
 for _pattern in (".*heartbeat_interval.*", ".*fail_stale_trials.*", ".*``group``.*",
                  "Heartbeat of storage is supposed to be used with Study.optimize"):
     warnings.filterwarnings("ignore", message=_pattern)
@@ -146,7 +141,7 @@ def engine_kwargs(url: str) -> dict[str, Any]:
 
 
 def open_storage(url: str, *, create_schema: bool = False) -> optuna.storages.RDBStorage:
-    """Open the storage with heartbeats on (the worker's reaper, `search.beat`, fails and
+    """Open the storage with heartbeats on (the worker's reaper, `search.runtime.beat`, fails and
     re-queues the trials whose heartbeat went stale).
 
     Workers pass create_schema=False: they need only read/write rights, and a missing schema means
@@ -199,48 +194,6 @@ def ping_when_idle(engine: sqlalchemy.Engine, idle_seconds: float = PING_IDLE_SE
 
     sqlalchemy.event.listen(engine, "checkin", checkin)
     sqlalchemy.event.listen(engine, "checkout", checkout)
-
-
-def rdb(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage | None:
-    """The RDBStorage under `storage` (load_study wraps it in a trial cache), or None."""
-    backend = getattr(storage, "_backend", storage)
-    return backend if isinstance(backend, optuna.storages.RDBStorage) else None
-
-
-def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
-    """`trial.set_user_attr` for every item, in one transaction of two statements (the trial's
-    state, then one upsert of every key) instead of a transaction of two per key. Stored as
-    Optuna stores them; raises UpdateFinishedTrialError as it does."""
-    backend = rdb(trial.storage)
-    upsert = _UPSERTS.get(backend.engine.dialect.name) if backend is not None else None
-    if backend is None or upsert is None:
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        return
-    trials, table = models.TrialModel.__table__, models.TrialUserAttributeModel.__table__
-    insert = upsert(table).values([
-        {"trial_id": trial._trial_id, "key": key, "value_json": json.dumps(value)}
-        for key, value in attrs.items()
-    ])
-    with backend.engine.begin() as conn:
-        state = conn.execute(
-            sqlalchemy.select(trials.c.state).where(trials.c.trial_id == trial._trial_id)
-        ).scalar_one()
-        backend.check_trial_is_updatable(
-            trial._trial_id, TrialState[state] if isinstance(state, str) else state)
-        conn.execute(insert.on_conflict_do_update(
-            index_elements=[table.c.trial_id, table.c.key],
-            set_={"value_json": insert.excluded.value_json},
-        ))
-    # As Trial.set_user_attr does after its write, so trial.user_attrs shows them.
-    trial._cached_frozen_trial.user_attrs.update(attrs)
-
-
-# INSERT ... ON CONFLICT DO UPDATE, by dialect; elsewhere (MySQL) Optuna writes key by key.
-_UPSERTS: dict[str, Callable[[Any], Any]] = {
-    "postgresql": sqlalchemy.dialects.postgresql.insert,
-    "sqlite": sqlalchemy.dialects.sqlite.insert,
-}
 
 
 def _check_schema_exists(url: str) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from search.snapshot import Snapshot, duration
-from search.space import Pipeline
+from search.results.snapshot import Snapshot, duration
+from search.space.spec import Pipeline
 
 METRICS = ("val_acc", "val_loss", "test_acc", "test_top5", "test_macro_f1")
 

@@ -28,11 +28,10 @@ import sqlalchemy as sa
 from optuna.distributions import BaseDistribution
 from optuna.samplers._tpe.sampler import _get_infeasible_trial_score, _get_pruned_trial_score
 from optuna.search_space.group_decomposed import _GroupDecomposedSearchSpace, _SearchSpaceGroup
-from optuna.storages._rdb import models
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from search.storage import rdb
+from search.db import optuna_private as op
 
 if TYPE_CHECKING:
     from collections.abc import Container
@@ -47,10 +46,10 @@ class MedianPruner(optuna.pruners.MedianPruner):
         # Optuna makes these two checks after reading the study; they do not depend on it.
         if trial.last_step is None or trial.last_step < self._n_warmup_steps:
             return False
-        backend = rdb(study._storage)
+        backend = op.study_rdb(study)
         if backend is None:
             return super().prune(study, trial)
-        complete = self._complete.read(backend.engine, study._study_id)
+        complete = self._complete.read(backend.engine, op.study_id(study))
         return super().prune(cast("optuna.Study", _CompleteView(study, complete)), trial)
 
 
@@ -78,8 +77,7 @@ class _CompleteTrials:
     def read(self, engine: sa.Engine, study_id: int) -> list[_Complete]:
         if study_id != self.study_id:
             self.study_id, self.trials, self.highest, self.open = study_id, [], -1, set()
-        trials = models.TrialModel.__table__
-        values = models.TrialIntermediateValueModel.__table__
+        trials, values = op.TRIALS, op.INTERMEDIATE
         unseen = trials.c.trial_id > self.highest
         if self.open:
             unseen = sa.or_(unseen, trials.c.trial_id.in_(sorted(self.open)))
@@ -104,8 +102,7 @@ class _CompleteTrials:
                               values.c.intermediate_value_type)
                     .where(values.c.trial_id.in_(complete))
                 ):
-                    by_trial[trial_id][step] = models.TrialIntermediateValueModel \
-                        .stored_repr_to_intermediate_value(value, kind)
+                    by_trial[trial_id][step] = op.intermediate_value(value, kind)
                 self.trials.extend(_Complete(v) for v in by_trial.values())
         return self.trials
 
@@ -148,7 +145,7 @@ class TPESampler(optuna.samplers.TPESampler):
         fresh = study._thread_local.cached_all_trials is None
         space = super().infer_relative_search_space(study, trial)
         if fresh and study._thread_local.cached_all_trials is not None:
-            self._read_for = trial._trial_id
+            self._read_for = op.trial_id(trial)
         return space
 
     def _sample(
@@ -166,7 +163,7 @@ class TPESampler(optuna.samplers.TPESampler):
         # every unfinished trial with all its attributes, once per parameter group. The first
         # read after this trial's ask (`infer_relative_search_space`) serves as well.
         trials = study._get_trials(deepcopy=False, states=states,
-                                   use_cache=self._read_for == trial._trial_id)
+                                   use_cache=self._read_for == op.trial_id(trial))
         if self._constant_liar:
             trials = [t for t in trials if trial.number != t.number]
         if self._gamma is None:
@@ -196,18 +193,18 @@ class TPESampler(optuna.samplers.TPESampler):
             if t.state == TrialState.RUNNING:
                 running.append(t)
                 continue
-            key = keys.get(t._trial_id)
+            key = keys.get(op.trial_id(t))
             if key is None:
                 infeasible = _get_infeasible_trial_score(t)
                 key = ((2, infeasible) if infeasible > 0
                        else (0, t.value) if t.state == TrialState.COMPLETE
                        else (1, _get_pruned_trial_score(t, study)))
-                keys[t._trial_id] = key
+                keys[op.trial_id(t)] = key
             groups[key[0]].append(t)
         below: list[FrozenTrial] = []
         above: list[FrozenTrial] = []
         for kind, group in enumerate(groups):
-            ordered = sorted(group, key=lambda t: keys[t._trial_id][1],
+            ordered = sorted(group, key=lambda t: keys[op.trial_id(t)][1],
                              reverse=kind == 0 and study.direction == StudyDirection.MAXIMIZE)
             count = min(max(0, n_below - len(below)), len(ordered))
             below += ordered[:count]
@@ -224,14 +221,14 @@ class TPESampler(optuna.samplers.TPESampler):
         rows = self._rows.setdefault(tuple(search_space.items()), {})  # finished trials only
         kept = []
         for trial in trials:
-            row = rows.get(trial._trial_id)
+            row = rows.get(op.trial_id(trial))
             if row is None:
                 # As Optuna's: a running trial's params may include what constant liar shares.
                 params = self._get_params(trial, study)
                 row = (tuple(search_space[n].to_internal_repr(params[n]) for n in names)
                        if search_space.keys() <= params.keys() else ())
                 if trial.state.is_finished():
-                    rows[trial._trial_id] = row
+                    rows[op.trial_id(trial)] = row
             if row:
                 kept.append(row)
         # Column by column from Python values, as Optuna builds them (same dtypes).
@@ -250,13 +247,13 @@ class _IncrementalGroupSpace(_GroupDecomposedSearchSpace):
 
     def calculate(self, study: optuna.Study, use_cache: bool = False) -> _SearchSpaceGroup:
         if self._study_id is None:
-            self._study_id = study._study_id
-        elif self._study_id != study._study_id:
+            self._study_id = op.study_id(study)
+        elif self._study_id != op.study_id(study):
             raise ValueError("`_GroupDecomposedSearchSpace` cannot handle multiple studies.")
         states = ((TrialState.COMPLETE, TrialState.PRUNED) if self._include_pruned
                   else (TrialState.COMPLETE,))
         for trial in study._get_trials(deepcopy=False, states=states, use_cache=use_cache):
-            if trial._trial_id not in self._added:
+            if op.trial_id(trial) not in self._added:
                 self._search_space.add_distributions(trial.distributions)
-                self._added.add(trial._trial_id)
+                self._added.add(op.trial_id(trial))
         return copy.deepcopy(self._search_space)  # as Optuna's: the caller gets its own copy

@@ -7,7 +7,7 @@ other error a failed one (ERROR_LIMIT in a row stop it: exit 1). SIGTERM stops t
 at its next step, hands it back for another worker to resume from its last epoch checkpoint, and
 exits 0. A machine that cannot read the data hands its trial back the same way and exits 3.
 
-A stage's trials are budget slots (`search.budget`): when every slot is held, by trials running
+A stage's trials are budget slots (`search.db.budget`): when every slot is held, by trials running
 here and elsewhere or by one whose worker died, the worker waits (its beat thread reaps the dead
 one and queues its retry, which the loop then takes) until the stage closes.
 """
@@ -28,13 +28,15 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from search import budget, objective, pipeline, registry, strategy
 from search.artifacts import Artifacts
-from search.beat import Beat
-from search.claim import ask
-from search.retry import hand_back
-from search.space import Pipeline, Stage
-from search.storage import open_storage, redact, set_user_attrs, with_retry
+from search.db import budget, pipeline, registry
+from search.db import optuna_private as op
+from search.db.storage import open_storage, redact, with_retry
+from search.db.writes import ask, set_user_attrs
+from search.runtime import objective, strategy
+from search.runtime.beat import Beat
+from search.runtime.retry import hand_back
+from search.space.spec import Pipeline, Stage
 from trainer.errors import DataUnavailable, Diverged, Interrupted, OutOfMemory
 
 log = logging.getLogger("hpo.worker")
@@ -115,7 +117,7 @@ class Worker:
                 trials_done=self.trials_done))
 
     def _run_stage(self, index: int, stage: Stage, beat: Beat) -> bool:
-        """Run trials of `stage` until it closes (`search.budget`); False when the worker must
+        """Run trials of `stage` until it closes (`search.db.budget`); False when the worker must
         stop. Every stage before it is closed: this loop is the only way past one."""
         opened = with_retry("open stage", lambda: pipeline.open_stage(
             self.storage, self.study, self.pipeline, index))
@@ -171,7 +173,7 @@ class Worker:
     def _run_trial(
         self, study: optuna.Study, trial: optuna.Trial, ctx: objective.TrialContext, beat: Beat
     ) -> str:
-        beat.watch(trial._trial_id)
+        beat.watch(op.trial_id(trial))
         beat.note(current=f"{ctx.stage.name}#{trial.number}")
         log.info("stage %s trial %d: start", ctx.stage.name, trial.number)
         started = time.monotonic()
@@ -220,7 +222,8 @@ class Worker:
             self.error = str(e)
             self._record(trial, fail_reason="interrupted" if outcome == "interrupted"
                          else "no data", error=str(e))
-            frozen = with_retry("read trial", lambda: study._storage.get_trial(trial._trial_id))
+            frozen = with_retry("read trial", lambda: op.storage_of(study).get_trial(
+                op.trial_id(trial)))
             with_retry("hand back", lambda: hand_back(study, frozen))
         except optuna.exceptions.UpdateFinishedTrialError:
             raise

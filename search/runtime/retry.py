@@ -2,7 +2,7 @@
 back (SIGTERM). The copy keeps the parameters, so it trains the same configuration, and names the
 first attempt, whose checkpoint folder it resumes from. Each is written exactly once, and the
 trial is failed and its copy queued in one transaction (`claim.fail_running`), so the trial's
-budget slot passes straight to the copy (`search.budget`)."""
+budget slot passes straight to the copy (`search.db.budget`)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import budget, pipeline
-from search.attrs import CRASHES, RETRY_OF, ROOT
-from search.claim import fail_running, queue_copy
+from search.db import budget, pipeline
+from search.db import optuna_private as op
+from search.db.attrs import CRASHES, RETRY_OF, ROOT
+from search.db.writes import fail_running, queue_copy
 
 MAX_CRASH_RETRIES = 1  # a configuration that killed its worker twice is failed for good
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def reap(study: optuna.Study, trial_id: int, max_crash_retries: int = MAX_CRASH_
     between the two cannot leave it failed and never retried. Not retried here: the reaper runs
     beside the heartbeat, which must not wait out an outage behind it, and its next round finds
     whatever is left to do."""
-    trial = study._storage.get_trial(trial_id)
+    trial = op.storage_of(study).get_trial(trial_id)
     if trial.state != TrialState.RUNNING:
         return
     attrs = retry_of_crashed(study, trial, max_crash_retries)

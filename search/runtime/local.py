@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from search.worker import EXIT_ERRORS, EXIT_NO_DATA
+from search.runtime.worker import EXIT_ERRORS, EXIT_NO_DATA
 
 
 def run_local(

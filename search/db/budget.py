@@ -13,7 +13,7 @@ A stage of budget B is a set of B slots. A trial holds a slot while it waits, ru
 - a configuration that killed its worker twice is failed for good, and its slot is free again;
 - the stage closes when B trials are finished: exactly B, with any number of workers.
 
-A stage whose space is finite (only categorical and stepped parameters: `search.grid`) trains
+A stage whose space is finite (only categorical and stepped parameters: `search.space.grid`) trains
 each configuration at most once: a new trial needs a configuration no trial holds yet as well as a
 slot, and once every configuration is finished the stage closes early ("space exhausted").
 
@@ -28,17 +28,15 @@ import json
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from optuna.storages._rdb import models
 from optuna.trial import TrialState
 
-from search.attrs import CONFIGURATION
+from search.db.attrs import CONFIGURATION
+from search.db.optuna_private import STUDY_ATTRS, SYSTEM_ATTRS, TRIALS
 
 BUDGET = "budget"  # study user attr: the stage's budget of finished trials
 SPACE_SIZE = "space_size"  # study user attr: its distinct configurations (absent: unbounded)
 
-_TRIALS = models.TrialModel.__table__
-_SYSTEM_ATTRS = models.TrialSystemAttributeModel.__table__
-_STUDY_ATTRS = models.StudyUserAttributeModel.__table__
+_TRIALS, _SYSTEM_ATTRS, _STUDY_ATTRS = TRIALS, SYSTEM_ATTRS, STUDY_ATTRS
 HOLDING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 

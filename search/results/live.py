@@ -25,10 +25,10 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from search import snapshot
-from search.snapshot import Snapshot, StageView, duration
-from search.space import Pipeline
-from search.storage import is_connection_error, root_cause
+from search.db.storage import is_connection_error, root_cause
+from search.results import snapshot
+from search.results.snapshot import Snapshot, StageView, duration
+from search.space.spec import Pipeline
 
 REFRESH_SECONDS = 1.0
 BAR_WIDTH = 24

@@ -18,9 +18,11 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from search import algorithms, budget, grid
-from search.params import distribution
-from search.space import Stage
+from search.db import budget
+from search.runtime import algorithms
+from search.space import grid
+from search.space.params import distribution
+from search.space.spec import Stage
 
 
 def make_pruner(stage: Stage) -> optuna.pruners.BasePruner:

@@ -25,9 +25,9 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 
-from search import pipeline
-from search.results import StageStatus, best, stage_status
-from search.space import Pipeline, Stage
+from search.db import pipeline
+from search.results.best import StageStatus, best, stage_status
+from search.space.spec import Pipeline, Stage
 from trainer.config import ConfigError
 
 # Importances and parallel coordinates compare trials: with fewer complete trials, or with every

@@ -2,7 +2,7 @@
 definition stored beside them, stage accounting, and what each stage carries over.
 
 A stage closes when its budget of finished (complete or pruned) trials is spent (the rules are in
-`search.budget`). The next one
+`search.db.budget`). The next one
 opens from the best complete trial of all stages before it: that trial's full configuration,
 which already holds what its own stage carried in.
 """
@@ -13,12 +13,13 @@ import re
 from typing import Any
 
 import optuna
-import sqlalchemy as sa
 from optuna.trial import FrozenTrial, TrialState
 
-from search import budget, grid, registry
-from search.budget import BUDGET, SPACE_SIZE, Counts
-from search.space import Pipeline, Stage
+from search.db import budget, registry
+from search.db import optuna_private as op
+from search.db.budget import BUDGET, SPACE_SIZE, Counts
+from search.space import grid
+from search.space.spec import Pipeline, Stage
 
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -99,14 +100,10 @@ def counts(study: optuna.Study) -> Counts:
 
 
 def stage_state(study: optuna.Study) -> tuple[Counts, budget.Limit]:
-    """A stage's counts and budget, as the budget rules (`search.budget`) take them."""
-    return budget.state(_engine(study), study._study_id)
-
-
-def _engine(study: optuna.Study) -> sa.Engine:
-    storage = study._storage
-    # load_study wraps an RDBStorage in a caching layer; the engine belongs to the backend.
-    return getattr(storage, "_backend", storage).engine
+    """A stage's counts and budget, as the budget rules (`search.db.budget`) take them."""
+    backend = op.study_rdb(study)
+    assert backend is not None, "stage studies live in a database"
+    return budget.state(backend.engine, op.study_id(study))
 
 
 def best_of(

@@ -10,7 +10,7 @@ transactions of its own, each leaving a mark by which a retry recognises that th
 landed:
 
 - `ask`: takes the oldest waiting trial, or a new one if the stage has a free budget slot
-  (`search.budget`), and in the same transaction records its first heartbeat and a claim token
+  (`search.db.budget`), and in the same transaction records its first heartbeat and a claim token
   (a system attribute, not shown as a user attribute); after a connection error it looks for
   its token before it tries again.
 - `queue_copy`: inserts a WAITING copy of a trial, unless the study already holds one (the copy
@@ -21,6 +21,8 @@ landed:
 - `fail_running`: fails a stale trial and queues its copy in the same transaction: Optuna's
   `fail_stale_trials` commits the failure first and calls back for the retry afterwards, and a
   connection lost in between leaves the trial failed and never retried.
+- `set_user_attrs`: a trial's user attributes in one upsert (a repeat writes the same values),
+  instead of Optuna's two transactions per attribute.
 
 Every transaction here that adds a trial first locks the study's row, so budget slots are counted
 and trial numbers given (as Optuna gives them) one writer at a time; trial ids of a study become
@@ -32,29 +34,27 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import optuna
 import sqlalchemy as sa
+import sqlalchemy.dialects.postgresql as sa_postgresql
+import sqlalchemy.dialects.sqlite as sa_sqlite
 from optuna.distributions import BaseDistribution, distribution_to_json
-from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
-from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
-from search import budget
-from search.attrs import CLAIM, CONFIGURATION, RETRY_OF
-from search.storage import rdb, with_retry
+from search.db import budget
+from search.db import optuna_private as op
+from search.db.attrs import CLAIM, CONFIGURATION, RETRY_OF
+from search.db.optuna_private import BEATS, PARAMS, STUDIES, SYSTEM_ATTRS, TRIALS, USER_ATTRS
+from search.db.storage import with_retry
 
 log = logging.getLogger(__name__)
 
-_TRIALS = models.TrialModel.__table__
-_STUDIES = models.StudyModel.__table__
-_PARAMS = models.TrialParamModel.__table__
-_USER_ATTRS = models.TrialUserAttributeModel.__table__
-_SYSTEM_ATTRS = models.TrialSystemAttributeModel.__table__
-_BEATS = models.TrialHeartbeatModel.__table__
+_TRIALS, _STUDIES, _PARAMS = TRIALS, STUDIES, PARAMS
+_USER_ATTRS, _SYSTEM_ATTRS, _BEATS = USER_ATTRS, SYSTEM_ATTRS, BEATS
 
 
 def ask(study: optuna.Study) -> optuna.Trial | None:
@@ -65,26 +65,26 @@ def ask(study: optuna.Study) -> optuna.Trial | None:
     Without Optuna's look for a waiting trial: that look reads every unfinished trial of the
     study with all its attributes, a cost that grows with the number of workers; the count of
     waiting trials, taken under the study's lock, says whether there is one."""
-    backend = rdb(study._storage)
+    backend = op.study_rdb(study)
     if backend is None:  # not a database we write ourselves: Optuna's own ask, same rule
         counts, limit = _counts_in_memory(study)
         return study.ask() if counts.waiting or budget.free_slots(counts, limit) else None
     token = secrets.token_hex(8)
 
     def landed() -> FrozenTrial | None:
-        taken = _claimed(backend.engine, study._study_id, token)
+        taken = _claimed(backend.engine, op.study_id(study), token)
         if taken is None:
             return None
         log.warning("trial id %d was taken before the connection dropped; running it", taken)
         return backend.get_trial(taken)
 
-    frozen = with_retry("ask", lambda: _claim(backend, study._study_id, token), landed=landed)
+    frozen = with_retry("ask", lambda: _claim(backend, op.study_id(study), token), landed=landed)
     if frozen is None:
         return None
-    _remember(study, frozen)
-    study._thread_local.cached_all_trials = None  # as `ask` does: sampling reads the study anew
+    op.remember_trial(study, frozen)
+    op.forget_trials(study)  # as `ask` does: sampling reads the study anew
     # Building the trial only reads (the trial, and the study for TPE's search space).
-    return with_retry("ask", lambda: optuna.Trial(study, frozen._trial_id))
+    return with_retry("ask", lambda: optuna.Trial(study, op.trial_id(frozen)))
 
 
 def queue_copy(
@@ -94,7 +94,7 @@ def queue_copy(
     under `retry_of`) unless the study holds one already. Retries through an outage; False when
     a copy was there."""
     assert user_attrs.get(RETRY_OF) == trial.number
-    backend = rdb(study._storage)
+    backend = op.study_rdb(study)
     if backend is None:  # not a database we write ourselves: Optuna's own insert
         study.add_trial(optuna.create_trial(
             state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
@@ -105,7 +105,7 @@ def queue_copy(
         # The copy is looked for before every attempt, the first too: the caller may be
         # retrying a call of ours.
         with backend.engine.begin() as conn:
-            return _insert_copy(conn, study._study_id, trial, user_attrs)
+            return _insert_copy(conn, op.study_id(study), trial, user_attrs)
 
     return with_retry("re-queue", attempt)
 
@@ -115,19 +115,19 @@ def reserve(study: optuna.Study, trial: optuna.Trial, key: str) -> int | None:
     finished, running or waiting trial of the study holds it already, write nothing and return
     that trial's number. Retries through an outage: a retry after a lost reply finds the mark it
     left and writes none again."""
-    backend = rdb(study._storage)
+    backend = op.study_rdb(study)
     if backend is None:
         return None
     value = json.dumps(key)
 
     def attempt() -> int | None:
         with backend.engine.begin() as conn:
-            _lock_study(conn, study._study_id)
+            _lock_study(conn, op.study_id(study))
             holder = conn.execute(
                 sa.select(_TRIALS.c.number)
                 .join(_SYSTEM_ATTRS, _SYSTEM_ATTRS.c.trial_id == _TRIALS.c.trial_id)
-                .where(_TRIALS.c.study_id == study._study_id,
-                       _TRIALS.c.trial_id != trial._trial_id,
+                .where(_TRIALS.c.study_id == op.study_id(study),
+                       _TRIALS.c.trial_id != op.trial_id(trial),
                        _TRIALS.c.state.in_(budget.HOLDING),
                        _SYSTEM_ATTRS.c.key == CONFIGURATION, _SYSTEM_ATTRS.c.value_json == value)
                 .limit(1)
@@ -136,12 +136,12 @@ def reserve(study: optuna.Study, trial: optuna.Trial, key: str) -> int | None:
                 return int(holder)
             mine = conn.execute(
                 sa.select(_SYSTEM_ATTRS.c.trial_id)
-                .where(_SYSTEM_ATTRS.c.trial_id == trial._trial_id,
+                .where(_SYSTEM_ATTRS.c.trial_id == op.trial_id(trial),
                        _SYSTEM_ATTRS.c.key == CONFIGURATION)
             ).first()
             if mine is None:
                 conn.execute(sa.insert(_SYSTEM_ATTRS).values(
-                    trial_id=trial._trial_id, key=CONFIGURATION, value_json=value))
+                    trial_id=op.trial_id(trial), key=CONFIGURATION, value_json=value))
             return None
 
     return with_retry("reserve configuration", attempt)
@@ -154,16 +154,16 @@ def fail_running(
     `copy_attrs` (None: no copy). False when it was no longer running (its worker finished it
     after all, or another reaper was first). One attempt: the reaper's next round is the retry,
     and finds the trial failed and its copy queued if this commit landed."""
-    backend = rdb(study._storage)
+    backend = op.study_rdb(study)
     assert backend is not None, "the worker's reaper runs on a database"
     with backend.engine.begin() as conn:
         failed = conn.execute(
             sa.update(_TRIALS)
-            .where(_TRIALS.c.trial_id == trial._trial_id, _TRIALS.c.state == TrialState.RUNNING)
+            .where(_TRIALS.c.trial_id == op.trial_id(trial), _TRIALS.c.state == TrialState.RUNNING)
             .values(state=TrialState.FAIL, datetime_complete=datetime.now(UTC).replace(tzinfo=None))
         ).rowcount
         if failed and copy_attrs is not None:
-            _insert_copy(conn, study._study_id, trial, copy_attrs)
+            _insert_copy(conn, op.study_id(study), trial, copy_attrs)
     return bool(failed)
 
 
@@ -307,16 +307,42 @@ def _copy_exists(conn: sa.Connection, study_id: int, number: int) -> bool:
     ).first() is not None
 
 
-def _remember(study: optuna.Study, frozen: FrozenTrial) -> None:
-    """Tell the study's trial cache about the trial, as Optuna's `create_new_trial` does: its
-    parameter writes look the trial up there."""
-    cache = study._storage
-    if isinstance(cache, _CachedStorage):
-        with cache._lock:
-            cache._studies.setdefault(study._study_id, _StudyInfo())
-            cache._add_trials_to_cache(study._study_id, [frozen])
-
-
 def _local(utc: datetime | None) -> datetime | None:
     """A naive UTC datetime as the naive local time FrozenTrial carries."""
     return None if utc is None else utc.replace(tzinfo=UTC).astimezone().replace(tzinfo=None)
+
+
+def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
+    """`trial.set_user_attr` for every item, in one transaction of two statements (the trial's
+    state, then one upsert of every key) instead of a transaction of two per key. Stored as
+    Optuna stores them; raises UpdateFinishedTrialError as it does."""
+    backend = op.rdb(trial.storage)
+    upsert = _UPSERTS.get(backend.engine.dialect.name) if backend is not None else None
+    if backend is None or upsert is None:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    trials, table = _TRIALS, _USER_ATTRS
+    insert = upsert(table).values([
+        {"trial_id": op.trial_id(trial), "key": key, "value_json": json.dumps(value)}
+        for key, value in attrs.items()
+    ])
+    with backend.engine.begin() as conn:
+        state = conn.execute(
+            sa.select(trials.c.state).where(trials.c.trial_id == op.trial_id(trial))
+        ).scalar_one()
+        backend.check_trial_is_updatable(
+            op.trial_id(trial), TrialState[state] if isinstance(state, str) else state)
+        conn.execute(insert.on_conflict_do_update(
+            index_elements=[table.c.trial_id, table.c.key],
+            set_={"value_json": insert.excluded.value_json},
+        ))
+    # As Trial.set_user_attr does after its write, so trial.user_attrs shows them.
+    op.cached_trial(trial).user_attrs.update(attrs)
+
+
+# INSERT ... ON CONFLICT DO UPDATE, by dialect; elsewhere (MySQL) Optuna writes key by key.
+_UPSERTS: dict[str, Callable[[Any], Any]] = {
+    "postgresql": sa_postgresql.insert,
+    "sqlite": sa_sqlite.insert,
+}

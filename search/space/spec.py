@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 # SpaceError, the param types and `distribution` are this module's API too (`as`: re-export).
-from search.params import CategoricalParam as CategoricalParam
-from search.params import FloatParam as FloatParam
-from search.params import IntParam as IntParam
-from search.params import (
+from search.space.params import CategoricalParam as CategoricalParam
+from search.space.params import FloatParam as FloatParam
+from search.space.params import IntParam as IntParam
+from search.space.params import (
     Param,
     ParamError,
     check_config,
@@ -41,13 +41,16 @@ from search.params import (
     show,
     values_to_check,
 )
-from search.params import SpaceError as SpaceError
-from search.params import distribution as distribution
+from search.space.params import SpaceError as SpaceError
+from search.space.params import distribution as distribution
 from trainer.config import TrainConfig
 
 MAX_BYTES = 1 << 20  # a space file is a few KiB; anything near this is a mistake, not a space
 METRICS = {"val_acc": "maximize", "val_top5": "maximize", "val_loss": "minimize"}
 TOP_KEYS = ("dataset", "metric", "fixed", "stage")
+# TrainConfig fields the worker sets for each trial, whatever a space file says: where and how a
+# trial runs, not what it computes (so they are left out of a trial's recorded configuration).
+WORKER_OWNED = ("checkpoint_dir", "device", "resume", "fault")
 STAGE_KEYS = ("name", "trials", "epochs", "pruner", "sampler", "teacher", "fixed", "params")
 # Stage names become part of Optuna study names (`<study>/<stage>`) and of folder names.
 _STAGE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -329,7 +332,7 @@ def _check_configs(pipeline: Pipeline, source: str) -> None:
         todo = [(key, p, "", base) for key, p in stage.params.items()]
         for key, (origin, p) in carried.items():
             if key not in stage.fixed and key not in stage.params:
-                # A distilling stage's teacher is carried on with its params (search/pipeline.py
+                # A distilling stage's teacher is carried on with its params (search/db/pipeline.py
                 # `carried_from`), so a carried kd_alpha comes with its teacher.
                 teacher = pipeline.stage(origin).teacher
                 with_teacher = {**base, "teacher": f"best:{teacher}"} if teacher else base

@@ -15,9 +15,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from search import pipeline
-from search.results import best_checkpoint
-from search.space import Pipeline
+from search.db import pipeline
+from search.results.best import best_checkpoint
+from search.space.spec import Pipeline
 
 
 def top_trials(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline,

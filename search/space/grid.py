@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any
 
-from search.params import CategoricalParam, FloatParam, IntParam, Param
+from search.space.params import CategoricalParam, FloatParam, IntParam, Param
 
 MAX_CONFIGURATIONS = 100_000  # beyond this a space counts as unbounded: repeats are rare
 

@@ -10,11 +10,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import budget as budget_rules
-from search import pipeline, registry
 from search.artifacts import Artifacts
-from search.objective import WORKER_OWNED
-from search.space import Pipeline
+from search.db import budget as budget_rules
+from search.db import pipeline, registry
+from search.space.spec import WORKER_OWNED, Pipeline
 
 
 @dataclass(frozen=True)

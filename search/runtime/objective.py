@@ -18,21 +18,29 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.artifacts import upload_artifact
-from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
 
-from search import claim, grid
 from search.artifacts import Artifacts
-from search.retry import root_number
-from search.space import CategoricalParam, FloatParam, IntParam, Param, Pipeline, Stage, base_config
-from search.storage import set_user_attrs, with_retry
+from search.db import optuna_private as op
+from search.db import writes
+from search.db.storage import with_retry
+from search.runtime.retry import root_number
+from search.space import grid
+from search.space.spec import (
+    WORKER_OWNED,
+    CategoricalParam,
+    FloatParam,
+    IntParam,
+    Param,
+    Pipeline,
+    Stage,
+    base_config,
+)
 from trainer.config import TrainConfig, with_overrides
 from trainer.errors import Interrupted
 
 if TYPE_CHECKING:
     from trainer.train import Report, Result
 
-# Set by the worker, never by a space file: where and how a trial runs, not what it computes.
-WORKER_OWNED = ("checkpoint_dir", "device", "resume", "fault")
 # trainer.checkpoint.LAST, spelt out here: importing the trainer's modules imports torch.
 LAST_CHECKPOINT = "last.pt"
 # A running trial's per-epoch metrics (user attribute "epochs", for the dashboard) are rewritten at
@@ -80,11 +88,11 @@ def suggest_once(trial: optuna.Trial, name: str, param: Param) -> Any:
     other than the one recorded. (Parameter values are never None: TOML has no null.)"""
 
     def landed() -> Any:
-        stored = trial.study._storage.get_trial(trial._trial_id)
+        stored = op.storage_of(trial.study).get_trial(op.trial_id(trial))
         if name not in stored.params:
             return None
-        trial._cached_frozen_trial.params[name] = stored.params[name]
-        trial._cached_frozen_trial.distributions[name] = stored.distributions[name]
+        op.cached_trial(trial).params[name] = stored.params[name]
+        op.cached_trial(trial).distributions[name] = stored.distributions[name]
         return stored.params[name]
 
     return with_retry(f"suggest {name}", lambda: suggest(trial, name, param), landed=landed)
@@ -98,8 +106,9 @@ def upload_once(trial: optuna.Trial, store: Any, path: str) -> str:
     name = Path(path).name
 
     def landed() -> str | None:
-        for key, value in trial.study._storage.get_trial(trial._trial_id).system_attrs.items():
-            meta = json.loads(value) if key.startswith(ARTIFACTS_ATTR_PREFIX) else {}
+        stored = op.storage_of(trial.study).get_trial(op.trial_id(trial))
+        for key, value in stored.system_attrs.items():
+            meta = json.loads(value) if key.startswith(op.ARTIFACTS_ATTR_PREFIX) else {}
             if meta.get("filename") == name:
                 with open(path, "rb") as f:
                     store.write(meta["artifact_id"], f)
@@ -147,7 +156,7 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
     that another trial holds, and the trainer's typed errors."""
     cfg = trial_config(trial, ctx)
     if grid.size(ctx.stage.params) is not None:
-        holder = claim.reserve(trial.study, trial, grid.key(dict(trial.params)))
+        holder = writes.reserve(trial.study, trial, grid.key(dict(trial.params)))
         if holder is not None:
             raise Duplicate(holder)
     public = {k: v for k, v in cfg.to_dict().items() if k not in WORKER_OWNED}
@@ -223,4 +232,4 @@ def _named(path: Path, name: str) -> Iterator[Path]:
 
 
 def _set_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
-    with_retry(f"set {', '.join(attrs)}", lambda: set_user_attrs(trial, attrs))
+    with_retry(f"set {', '.join(attrs)}", lambda: writes.set_user_attrs(trial, attrs))

@@ -8,9 +8,9 @@ from typing import Any
 
 import optuna
 
-from search import snapshot
-from search.results import StageStatus, stage_status
-from search.space import Pipeline
+from search.results import snapshot
+from search.results.best import StageStatus, stage_status
+from search.space.spec import Pipeline
 
 
 def status_dict(
@@ -23,7 +23,8 @@ def status_dict(
     for s, view in zip(statuses, snap.stages, strict=True):
         c = s.counts
         stages.append({
-            # Why trials did not complete, and hand-backs apart from failures (search/snapshot.py).
+            # Why trials did not complete, and hand-backs apart from failures
+            # (search/results/snapshot.py).
             "outcomes": dict(view.reasons), "handed_back": view.handed_back,
             "epochs_saved": view.epochs_saved, "why": snapshot.reasons_line(view),
             "stage": s.name, "budget": s.budget, "complete": c.complete, "pruned": c.pruned,
