@@ -229,22 +229,19 @@ def cutting(shim: Shim, ask: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def install_ours(shim: Shim) -> None:
-    from search.db import pipeline, registry, storage
-    from search.runtime import beat, objective, worker
+    from search.db import pipeline, registry, writes
+    from search.runtime import beat, objective, stages
 
-    if hasattr(worker, "ask"):  # the worker's own ask, which calls Study.ask only at times
-        worker.ask = cutting(shim, worker.ask)
+    if hasattr(stages, "ask"):  # the worker's own ask, which calls Study.ask only at times
+        stages.ask = cutting(shim, stages.ask)
 
     shim.wrap(pipeline, "counts", "budget count")
     shim.wrap(registry, "touch_worker", "worker registry")
-    for module in (storage, objective, worker):  # each holds its own reference to the function
+    for module in (writes, stages):  # each holds its own reference to the function
         shim.wrap(module, "set_user_attrs", "db writes (user attrs)")
     shim.wrap(beat.Beat, "_reap", "reaper")
     shim.wrap(objective, "upload_artifact", "artifact (file copy + attr)")
     shim.wrap(objective, "trial_config", "config (suggest + TrainConfig)")
-    from tests.search.stub_worker import stub_train
-
-    objective.train = shim.timed(stub_train, TRAINER)
 
 
 def role_ours(timings: str, argv: list[str]) -> int:
@@ -253,8 +250,9 @@ def role_ours(timings: str, argv: list[str]) -> int:
     install_ours(shim)
     atexit.register(shim.dump, timings)
     from search import cli
+    from tests.search.stub_worker import stub_train
 
-    return cli.main(["worker", *argv])
+    return cli.main(["worker", *argv], train=shim.timed(stub_train, TRAINER))
 
 
 def role_baseline(timings: str, args: argparse.Namespace) -> int:

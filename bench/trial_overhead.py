@@ -133,20 +133,21 @@ def install_search_timers(timer: CallTimer) -> None:
 
     import search.db.pipeline
     import search.db.registry
+    import search.db.writes
     import search.runtime.beat
     import search.runtime.objective
-    import search.runtime.worker
+    import search.runtime.stages
 
     timer.wrap(optuna.study.Study, "ask", "ask (incl. TPE)")
     # The worker's ask, which calls Study.ask only at times.
-    if hasattr(search.runtime.worker, "ask"):
-        timer.wrap(search.runtime.worker, "ask", "ask (incl. TPE)")
+    if hasattr(search.runtime.stages, "ask"):
+        timer.wrap(search.runtime.stages, "ask", "ask (incl. TPE)")
     timer.wrap(optuna.study.Study, "tell", "tell")
     timer.wrap(optuna.trial.Trial, "report", "per-epoch report")
     timer.wrap(optuna.trial.Trial, "should_prune", "per-epoch should_prune")
     timer.wrap(optuna.trial.Trial, "set_user_attr", USER_ATTRS)
     # Where the worker writes several attributes in one transaction, it calls this instead.
-    for module in (search.runtime.objective, search.runtime.worker):
+    for module in (search.db.writes, search.runtime.stages):
         if hasattr(module, "set_user_attrs"):
             timer.wrap(module, "set_user_attrs", USER_ATTRS)
     timer.wrap(search.runtime.objective, "trial_config", "sample params + config")

@@ -8,7 +8,8 @@
     hpo dashboard c10
 
 Every user error is one line on stderr and exit status 2; nothing is written before the input has
-been checked.
+been checked. Each command imports what it needs when it runs (functions' imports here): `hpo
+status` should not pay for the worker, plotly or torch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from search.artifacts import ArtifactsError, open_artifacts
 from search.db import pipeline
@@ -27,12 +28,17 @@ from search.db.storage import StorageError, open_storage, redact, resolve_url
 from search.space.spec import Pipeline, SpaceError, check_data, load_space
 from trainer.config import ConfigError
 
+if TYPE_CHECKING:
+    from search.runtime.objective import Train
+
 DEFAULT_ARTIFACTS = "hpo-artifacts"
 USER_ERRORS = (SpaceError, StorageError, pipeline.PipelineError, ConfigError, ArtifactsError)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, train: Train | None = None) -> int:
+    """`hpo ARGV`. `train` replaces the trainer of `hpo worker` (the load tests' stub)."""
     args = _parser().parse_args(argv)
+    args.train = train
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
@@ -209,8 +215,9 @@ def _worker(args: argparse.Namespace) -> int:
     store = open_artifacts(args.artifacts)
     store.check()
     try:
-        worker = Worker(resolve_url(args.storage), args.study, device=args.device,
-                        artifacts=store, fault=args.fault)
+        worker = Worker.open(resolve_url(args.storage), args.study, device=args.device,
+                             artifacts=store, fault=args.fault,
+                             **({"train": args.train} if args.train else {}))
     except ConfigError as e:
         # trainer.device imports torch, so its error class is looked up only once an error came.
         from trainer.device import NoFreeDevice

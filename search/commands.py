@@ -20,7 +20,10 @@ from search.artifacts import Artifacts, open_artifacts
 from search.db import pipeline
 from search.db.storage import open_storage, resolve_url
 from search.results import live, snapshot
+from search.results.best import best as best_info
 from search.results.snapshot import Snapshot
+from search.results.status import table
+from search.results.summary import best_lines, run_summary
 from search.space.spec import Pipeline
 
 LOG_NAME = "run.log"  # per study, under the artifacts folder: `hpo delete` removes it with them
@@ -54,12 +57,9 @@ def run(args: argparse.Namespace, url: str, name: str, store: Artifacts) -> int:
 
 
 def _summary(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline, snap: Snapshot,
-             elapsed: float, code: int, log_path: Path) -> list[str]:
-    from search.results.best import best
-    from search.results.summary import run_summary
-
+             elapsed: float, code: int, log_path: Path | None) -> list[str]:
     try:
-        info = best(storage, name, pipe)
+        info = best_info(storage, name, pipe)
     except pipeline.PipelineError:
         info = None
     return run_summary(snap, pipe, info, elapsed=elapsed, code=code, log_path=log_path,
@@ -80,20 +80,16 @@ def _since(snap: Snapshot) -> float:
 
 
 def list_studies(args: argparse.Namespace) -> int:
-    from search.results.status import _table
 
     rows = manage.list_rows(open_storage(resolve_url(args.storage)))
     if not rows:
         print("no studies in this storage; create one with `hpo create --space FILE`")
         return 0
-    _table([("study", "state", "best", "last activity"), *rows])
+    table([("study", "state", "best", "last activity"), *rows])
     return 0
 
 
 def best(args: argparse.Namespace) -> int:
-    from search.results.best import best as best_info
-    from search.results.summary import best_lines
-
     storage = open_storage(resolve_url(args.storage))
     pipe = pipeline.load(storage, args.study)
     lines = best_lines(best_info(storage, args.study, pipe), pipe, every_field=args.all)

@@ -37,7 +37,7 @@ from search.space.spec import Pipeline, Stage, base_config
 PipelineError = pipeline.PipelineError
 
 
-def list_rows(storage: optuna.storages.RDBStorage) -> list[tuple[str, ...]]:
+def list_rows(storage: optuna.storages.RDBStorage) -> list[tuple[str, str, str, str]]:
     """(study, state, best, last activity) for each pipeline in the storage."""
     rows = []
     for name in registry.list_pipelines(storage.engine):

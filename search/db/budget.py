@@ -134,7 +134,7 @@ def _configurations(conn: sa.Connection, study_id: int) -> int:
     return len({value for _, value in marks}) + trials - len(marks)
 
 
-def _state(value: object) -> TrialState:
+def _state(value: str | int) -> TrialState:
     return TrialState[value] if isinstance(value, str) else TrialState(value)
 
 

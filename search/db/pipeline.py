@@ -10,6 +10,7 @@ which already holds what its own stage carried in.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import optuna
@@ -106,20 +107,32 @@ def stage_state(study: optuna.Study) -> tuple[Counts, budget.Limit]:
     return budget.state(backend.engine, op.study_id(study))
 
 
+def best_trial(trials: Iterable[FrozenTrial], direction: str) -> FrozenTrial | None:
+    """The best complete trial of `trials` by `direction`; of equal ones, the first."""
+    sign = 1.0 if direction == "maximize" else -1.0
+    best: tuple[float, FrozenTrial] | None = None
+    for trial in trials:
+        if trial.state != TrialState.COMPLETE or trial.value is None:
+            continue
+        if best is None or sign * trial.value > best[0]:
+            best = (sign * trial.value, trial)
+    return None if best is None else best[1]
+
+
 def best_of(
     storage: optuna.storages.RDBStorage, name: str, pipeline: Pipeline, stages: list[Stage]
 ) -> tuple[Stage, FrozenTrial] | None:
-    """The best complete trial over `stages`, by the pipeline's metric and direction."""
-    best: tuple[Stage, FrozenTrial] | None = None
-    sign = 1.0 if pipeline.direction == "maximize" else -1.0
+    """The best complete trial over `stages`, by the pipeline's metric and direction; of equal
+    ones, the earliest stage's."""
+    found: list[tuple[Stage, FrozenTrial]] = []
     for stage in stages:
         study = load_stage_study(storage, name, stage)
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if trial.value is None:
-                continue
-            if best is None or sign * trial.value > sign * (best[1].value or 0.0):
-                best = (stage, trial)
-    return best
+        trial = best_trial(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                           pipeline.direction)
+        if trial is not None:
+            found.append((stage, trial))
+    best = best_trial((t for _, t in found), pipeline.direction)
+    return next(((s, t) for s, t in found if t is best), None)
 
 
 def carried_from(trial: FrozenTrial) -> dict[str, Any]:
@@ -147,7 +160,7 @@ def open_stage(
         carried = carried_from(trial)
         source = {"stage": best_stage.name, "trial": trial.number, "value": trial.value}
     if stage.teacher:
-        teacher = best_of(storage, name, pipeline, [_stage_named(pipeline, stage.teacher)])
+        teacher = best_of(storage, name, pipeline, [pipeline.stage(stage.teacher)])
         if teacher is None or not teacher[1].user_attrs.get("checkpoint"):
             raise PipelineError(
                 f"stage {stage.name!r}: its teacher stage {stage.teacher!r} has no complete"
@@ -161,6 +174,3 @@ def open_stage(
     study.set_user_attr("carried_from", opened.source)
     return opened
 
-
-def _stage_named(pipeline: Pipeline, name: str) -> Stage:
-    return next(s for s in pipeline.stages if s.name == name)

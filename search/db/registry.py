@@ -49,10 +49,6 @@ workers = Table(
 )
 
 
-class UnknownStudy(LookupError):
-    """No pipeline of that name in this storage."""
-
-
 @dataclass(frozen=True)
 class OpenedStage:
     carried: dict[str, Any]
@@ -128,7 +124,9 @@ def register_worker(engine: sa.Engine, pipeline: str, device: str) -> int:
             pipeline=pipeline, host=socket.gethostname(), pid=os.getpid(), device=device,
             state="running", trials_done=0, current="",
         ))
-        return int(result.inserted_primary_key[0])
+        key = result.inserted_primary_key
+        assert key is not None  # an INSERT of one row
+        return int(key[0])
 
 
 def touch_worker(engine: sa.Engine, worker_id: int, **values: Any) -> None:
@@ -142,7 +140,7 @@ def touch_worker(engine: sa.Engine, worker_id: int, **values: Any) -> None:
 
 def list_workers(engine: sa.Engine, pipeline: str) -> list[dict[str, Any]]:
     with engine.connect() as conn:
-        now = conn.execute(sa.select(sa.func.now())).scalar()
+        now = conn.execute(sa.select(sa.func.now())).scalar_one()
         rows = conn.execute(
             sa.select(workers).where(workers.c.pipeline == pipeline).order_by(workers.c.id)
         ).mappings().all()

@@ -241,9 +241,11 @@ def _insert_trial(
     naive UTC, as Optuna stores datetimes; None for a waiting trial)."""
     _lock_study(conn, study_id)  # a no-op when the caller holds it already
     start = datetime.now(UTC).replace(tzinfo=None) if state == TrialState.RUNNING else None
-    trial_id = conn.execute(sa.insert(_TRIALS).values(
+    key = conn.execute(sa.insert(_TRIALS).values(
         study_id=study_id, number=None, state=state, datetime_start=start,
-    )).inserted_primary_key[0]
+    )).inserted_primary_key
+    assert key is not None  # an INSERT of one row
+    trial_id = int(key[0])
     number = conn.execute(
         sa.select(sa.func.count()).select_from(_TRIALS)
         .where(_TRIALS.c.study_id == study_id, _TRIALS.c.trial_id < trial_id)

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
 
 from search.artifacts import Artifacts
 from search.db import budget as budget_rules
@@ -54,7 +53,7 @@ def stage_status(
     for stage in pipe.stages:
         study = pipeline.load_stage_study(storage, name, stage)
         trials = study.get_trials(deepcopy=False)
-        best = _best([t for t in trials if t.state == TrialState.COMPLETE], pipe.direction)
+        best = pipeline.best_trial(trials, pipe.direction)
         opened = registry.get_stage(storage.engine, name, stage.name)
         counts, limit = pipeline.stage_state(study)
         not_beaten = None
@@ -76,14 +75,6 @@ def stage_status(
             not_beaten=not_beaten,
         ))
     return out
-
-
-def _best(trials: list[FrozenTrial], direction: str) -> FrozenTrial | None:
-    valued = [t for t in trials if t.value is not None]
-    if not valued:
-        return None
-    pick = max if direction == "maximize" else min
-    return pick(valued, key=lambda t: t.value)
 
 
 def best(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from search.artifacts import open_artifacts
 from search.db import pipeline
 from search.results.best import best_checkpoint
 from search.space.spec import Pipeline
@@ -47,8 +48,6 @@ def top_trials(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline,
 
 def _checkpoints(trials: list[dict[str, Any]], artifacts: str
                  ) -> tuple[list[Path], list[dict[str, Any]]]:
-    from search.artifacts import open_artifacts
-
     store = open_artifacts(artifacts)
     # Every file is found (or fetched from the object store) before any is read.
     paths = [best_checkpoint(t, store) for t in trials]

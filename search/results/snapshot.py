@@ -129,7 +129,7 @@ def is_live(worker: dict[str, Any]) -> bool:
 def outcome(trial: FrozenTrial, pruner: str = "median") -> str:
     """What happened to a trial, in words; `pruner` names the stage's pruner (a trial pruned
     without a reason of the worker's was stopped by it)."""
-    reason = trial.user_attrs.get("fail_reason")
+    reason = str(trial.user_attrs.get("fail_reason") or "")
     if trial.state == TrialState.COMPLETE:
         return "complete"
     if trial.state == TrialState.PRUNED:
@@ -225,9 +225,9 @@ def reasons_line(s: StageView) -> str:
         why = ", ".join(f"{k} {n}" for k, n in sorted(s.pruned_why.items()))
         parts.append(f"pruned {s.pruned} ({why}; {s.epochs_saved} epochs saved)")
     if s.failed:
-        why = [f"{k} {n}" for k, n in sorted(s.failed_why.items()) if k != "error"]
-        why += [f"error: {msg}" + (f" x{n}" if n > 1 else "") for msg, n in s.errors.items()]
-        parts.append(f"failed {s.failed} ({'; '.join(why)})")
+        causes = [f"{k} {n}" for k, n in sorted(s.failed_why.items()) if k != "error"]
+        causes += [f"error: {msg}" + (f" x{n}" if n > 1 else "") for msg, n in s.errors.items()]
+        parts.append(f"failed {s.failed} ({'; '.join(causes)})")
     if s.handed_back:
         resumed = sorted(s.retried_as[n] for n in s.handed_back_trials if n in s.retried_as)
         note = f"resumed as {', '.join(f'#{n}' for n in resumed)}" if resumed else "not resumed"

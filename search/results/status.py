@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -67,7 +68,7 @@ def print_status(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline)
         rows.append((s["stage"], str(s["budget"]), str(s["complete"]), str(s["pruned"]),
                      str(s["failed"] - s["handed_back"]), str(s["running"] + s["waiting"]), best,
                      _duration(s["seconds"])))
-    _table(rows)
+    table(rows)
     for s, st in zip(info["stages"], statuses, strict=True):
         if s["carried"]:
             print(f"  {s['stage']} carries: {json.dumps(s['carried'], sort_keys=True)}")
@@ -86,10 +87,10 @@ def print_status(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline)
                          str(w["trials_done"]), f"{w['seconds_since_seen']:.0f}s ago",
                          (f"{w['current']} epoch {w['epoch']}" if "epoch" in w
                           else w["current"] or "-")))
-        _table(rows)
+        table(rows)
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
+def table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())

@@ -121,7 +121,9 @@ class _CompleteView:
     def get_trials(
         self, deepcopy: bool = True, states: Container[TrialState] | None = None
     ) -> list[Any]:
-        if states is not None and list(states) == [TrialState.COMPLETE] and not deepcopy:
+        # TPE asks for the complete trials as a tuple; any other request reads the study.
+        if isinstance(states, tuple | list) and tuple(states) == (TrialState.COMPLETE,) \
+                and not deepcopy:
             return self._complete
         return self._study.get_trials(deepcopy=deepcopy, states=states)
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import optuna
 from optuna.artifacts import upload_artifact
@@ -23,6 +23,7 @@ from search.artifacts import Artifacts
 from search.db import optuna_private as op
 from search.db import writes
 from search.db.storage import with_retry
+from search.runtime.outcome import Duplicate
 from search.runtime.retry import root_number
 from search.space import grid
 from search.space.spec import (
@@ -50,10 +51,17 @@ EPOCHS_WRITE_SECONDS = 5.0
 log = logging.getLogger("hpo.trial")
 
 
-def train(cfg: TrainConfig, report: Report, *, stop: threading.Event) -> Result:
+class Train(Protocol):
+    """What the worker calls to train a trial's configuration: `trainer.train.train`, or a stand-in
+    (the load tests' and benchmarks' stub trainer) passed to the worker."""
+
+    def __call__(self, cfg: TrainConfig, report: Report, *, stop: threading.Event) -> Result: ...
+
+
+def train_lazily(cfg: TrainConfig, report: Report, *, stop: threading.Event) -> Result:
     """`trainer.train`, imported on the first trial rather than when the worker starts: torch
     costs a worker 300-800 MB and seconds of start-up, which a worker that never trains here
-    (one with no GPU left to claim, or the load tests' stub trainer) should not pay."""
+    (one with no GPU left to claim) should not pay."""
     from trainer.train import train as train_model
 
     return train_model(cfg, report, stop=stop)
@@ -69,6 +77,7 @@ class TrialContext:
     device: str
     worker: str  # "host:pid#id", recorded on each trial
     fault: str = ""  # passed to the trainer (tests inject OOM / NaN through it)
+    train: Train = train_lazily
 
 
 def suggest(trial: optuna.Trial, name: str, param: Param) -> Any:
@@ -141,15 +150,6 @@ def trial_config(trial: optuna.Trial, ctx: TrialContext) -> TrainConfig:
     return with_overrides(TrainConfig(), overrides)
 
 
-class Duplicate(RuntimeError):
-    """The trial sampled a configuration that another trial of its stage holds already (two
-    workers sampled the same untried one at once): it is not trained."""
-
-    def __init__(self, holder: int) -> None:
-        super().__init__(f"the same configuration as trial #{holder}; not trained again")
-        self.holder = holder
-
-
 def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[float, Result]:
     """Train the trial's configuration; returns the objective value and the trainer's result.
     Raises TrialPruned when the pruner says so, Duplicate for a configuration of a finite space
@@ -189,7 +189,7 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
 
     try:
         with ctx.artifacts.synced(Path(cfg.checkpoint_dir), keep_last=Interrupted):
-            result = train(cfg, report, stop=stop)
+            result = ctx.train(cfg, report, stop=stop)
     except Exception:
         # A pruned, failed or handed-back trial keeps the epochs it ran. A trial a reaper failed
         # cannot take them; the worker handles that from the error raised already.

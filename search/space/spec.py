@@ -18,7 +18,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 # SpaceError, the param types and `distribution` are this module's API too (`as`: re-export).
 from search.space.params import CategoricalParam as CategoricalParam
@@ -43,10 +43,13 @@ from search.space.params import (
 )
 from search.space.params import SpaceError as SpaceError
 from search.space.params import distribution as distribution
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, with_overrides
+from trainer.sources import check_readable
 
 MAX_BYTES = 1 << 20  # a space file is a few KiB; anything near this is a mistake, not a space
-METRICS = {"val_acc": "maximize", "val_top5": "maximize", "val_loss": "minimize"}
+Direction = Literal["maximize", "minimize"]
+METRICS: dict[str, Direction] = {
+    "val_acc": "maximize", "val_top5": "maximize", "val_loss": "minimize"}
 TOP_KEYS = ("dataset", "metric", "fixed", "stage")
 # TrainConfig fields the worker sets for each trial, whatever a space file says: where and how a
 # trial runs, not what it computes (so they are left out of a trial's recorded configuration).
@@ -124,7 +127,7 @@ class Pipeline:
     stages: tuple[Stage, ...]
 
     @property
-    def direction(self) -> str:
+    def direction(self) -> Direction:
         """Optuna's study direction for the metric: "maximize" or "minimize"."""
         return METRICS[self.metric]
 
@@ -173,9 +176,6 @@ def check_data(pipeline: Pipeline) -> None:
     has fewer than two class folders with images, CIFAR's files absent without `download`, a
     crop padding the images do not allow), so a fleet does not start on it. Reads folder
     listings only; raises trainer's DataUnavailable (a ConfigError) naming the problem."""
-    from trainer.config import TrainConfig, with_overrides
-    from trainer.sources import check_readable
-
     for stage in pipeline.stages:
         base = base_config(pipeline, stage, {})
         if stage.teacher:  # as in `check`: a fixed kd_alpha > 0 needs its teacher set

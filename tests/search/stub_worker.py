@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from search import cli
-from search.runtime import objective
 from trainer.config import TrainConfig
 from trainer.errors import Interrupted
 
@@ -91,5 +90,4 @@ def stub_train(
 
 
 if __name__ == "__main__":
-    objective.train = stub_train
-    sys.exit(cli.main(sys.argv[1:]))
+    sys.exit(cli.main(sys.argv[1:], train=stub_train))
