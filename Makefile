@@ -15,17 +15,19 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/hpo run --space spaces/digits-quick.toml --workers 2 --study demo-$$(date +%Y%m%d-%H%M%S)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	bash scripts/ensure-postgres.sh
-	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 test-slow: $(STAMP)
 	bash scripts/ensure-postgres.sh
 	$(PY) -m pytest -m slow
 
+# Style, the layers of search/ (contracts in pyproject.toml) and the types.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 # Every benchmark in its short form (about 15 minutes on 2 idle cores); BENCHMARKS.md has the
 # full commands and figures.

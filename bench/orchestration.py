@@ -48,6 +48,8 @@ import argparse
 import atexit
 import contextlib
 import functools
+import importlib
+import inspect
 import json
 import math
 import os
@@ -228,31 +230,52 @@ def cutting(shim: Shim, ask: Callable[..., Any]) -> Callable[..., Any]:
     return ask_and_cut
 
 
-def install_ours(shim: Shim) -> None:
-    from search.db import pipeline, registry, writes
-    from search.runtime import beat, objective, stages
+def _module(*names: str) -> Any:
+    """The first of `names` that imports: side "before" may run a tree of another layout."""
+    for name in names:
+        with contextlib.suppress(ModuleNotFoundError):
+            return importlib.import_module(name)
+    raise ModuleNotFoundError(names[0])
+
+
+def install_ours(shim: Shim) -> Any:
+    """Wrap the worker's calls; returns the stub trainer, timed, for the worker to run."""
+    pipeline = _module("search.db.pipeline", "search.pipeline")
+    registry = _module("search.db.registry", "search.registry")
+    writes = _module("search.db.writes", "search.storage")
+    stages = _module("search.runtime.stages", "search.worker")
+    beat = _module("search.runtime.beat", "search.beat")
+    objective = _module("search.runtime.objective", "search.objective")
 
     if hasattr(stages, "ask"):  # the worker's own ask, which calls Study.ask only at times
         stages.ask = cutting(shim, stages.ask)
 
     shim.wrap(pipeline, "counts", "budget count")
     shim.wrap(registry, "touch_worker", "worker registry")
-    for module in (writes, stages):  # each holds its own reference to the function
+    # Each holds its own reference to the function (the older layout: storage, objective, worker).
+    for module in {writes, stages, objective}:
         shim.wrap(module, "set_user_attrs", "db writes (user attrs)")
     shim.wrap(beat.Beat, "_reap", "reaper")
     shim.wrap(objective, "upload_artifact", "artifact (file copy + attr)")
     shim.wrap(objective, "trial_config", "config (suggest + TrainConfig)")
+    from tests.search.stub_worker import stub_train
+
+    timed = shim.timed(stub_train, TRAINER)
+    if not hasattr(objective, "Train"):  # a tree from before the trainer was passed in
+        objective.train = timed
+    return timed
 
 
 def role_ours(timings: str, argv: list[str]) -> int:
     shim = Shim()
     install(shim)
-    install_ours(shim)
+    train = install_ours(shim)
     atexit.register(shim.dump, timings)
     from search import cli
-    from tests.search.stub_worker import stub_train
 
-    return cli.main(["worker", *argv], train=shim.timed(stub_train, TRAINER))
+    if "train" not in inspect.signature(cli.main).parameters:
+        return int(cli.main(["worker", *argv]))
+    return int(cli.main(["worker", *argv], train=train))
 
 
 def role_baseline(timings: str, args: argparse.Namespace) -> int:

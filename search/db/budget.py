@@ -5,7 +5,7 @@ A stage of budget B is a set of B slots. A trial holds a slot while it waits, ru
 (complete or pruned); a failed trial gives its slot back. So:
 
 - a new trial is created only when a slot is free, decided in the transaction that takes it
-  (`claim.ask`), under the lock on the study's row, so W workers asking at once cannot overshoot;
+  (`writes.ask`), under the lock on the study's row, so W workers asking at once cannot overshoot;
 - a trial whose worker died keeps its slot until the reaper fails it, and the reaper queues its
   retry in the same commit, so the slot passes straight to the retry: a live worker that finds
   every slot taken waits for it instead of filling the stage with new trials;
@@ -128,7 +128,7 @@ def _configurations(conn: sa.Connection, study_id: int) -> int:
         .where(_SYSTEM_ATTRS.c.trial_id.in_(holding), _SYSTEM_ATTRS.c.key == CONFIGURATION)
     ).all()
     trials = conn.execute(sa.select(sa.func.count()).select_from(holding.subquery())).scalar_one()
-    # A trial that has not reserved its configuration yet (`claim.reserve`: still sampling, or
+    # A trial that has not reserved its configuration yet (`writes.reserve`: still sampling, or
     # waiting) holds one nobody knows: count it on its own, so two workers cannot both be
     # promised the last untried configuration.
     return len({value for _, value in marks}) + trials - len(marks)

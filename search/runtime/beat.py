@@ -48,7 +48,7 @@ class Beat:
 
     def watch(self, trial_id: int | None) -> None:
         """Beat for `trial_id` from now on (None: no trial). Its first beat was written with the
-        trial when `claim.ask` took it, so none is written here."""
+        trial when `writes.ask` took it, so none is written here."""
         with self._lock:
             self.trial_id = trial_id
 

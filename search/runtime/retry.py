@@ -1,7 +1,7 @@
 """Putting a trial back in the queue: after its worker died (heartbeat went stale) or handed it
 back (SIGTERM). The copy keeps the parameters, so it trains the same configuration, and names the
 first attempt, whose checkpoint folder it resumes from. Each is written exactly once, and the
-trial is failed and its copy queued in one transaction (`claim.fail_running`), so the trial's
+trial is failed and its copy queued in one transaction (`writes.fail_running`), so the trial's
 budget slot passes straight to the copy (`search.db.budget`)."""
 
 from __future__ import annotations

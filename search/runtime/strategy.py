@@ -57,9 +57,9 @@ class Deduplicating(BaseSampler):
     """TPE over a finite space, without repeats: when TPE (or its random start-up) proposes a
     configuration that a trial of the stage holds already (finished, running or waiting), one of
     the untried configurations is taken instead, at random. TPE still learns from every trial;
-    only its repeats are replaced. (`claim.ask` creates no trial once every configuration is
+    only its repeats are replaced. (`writes.ask` creates no trial once every configuration is
     held, so an untried one exists whenever a trial samples; two workers sampling at once may
-    still pick the same one, which `claim.reserve` settles.)"""
+    still pick the same one, which `writes.reserve` settles.)"""
 
     def __init__(
         self, base: BaseSampler, space: dict[str, BaseDistribution],
@@ -86,7 +86,7 @@ class Deduplicating(BaseSampler):
         if grid.key(proposal) not in held:
             return proposal
         untried = [c for c in self.configurations if grid.key(c) not in held]
-        if not untried:  # a race past `claim.ask`'s count; train the repeat rather than nothing
+        if not untried:  # a race past `writes.ask`'s count; train the repeat rather than nothing
             return proposal
         return dict(self._rng.choice(untried))
 
