@@ -29,16 +29,20 @@ from search.space.spec import Pipeline, SpaceError, check_data, load_space
 from trainer.config import ConfigError
 
 if TYPE_CHECKING:
+    from search.db.winner import Evaluate
     from search.runtime.objective import Train
 
 DEFAULT_ARTIFACTS = "hpo-artifacts"
 USER_ERRORS = (SpaceError, StorageError, pipeline.PipelineError, ConfigError, ArtifactsError)
 
 
-def main(argv: list[str] | None = None, *, train: Train | None = None) -> int:
-    """`hpo ARGV`. `train` replaces the trainer of `hpo worker` (the load tests' stub)."""
+def main(
+    argv: list[str] | None = None, *, train: Train | None = None, test: Evaluate | None = None
+) -> int:
+    """`hpo ARGV`. `train` and `test` replace the trainer of `hpo worker` (the load tests'
+    stub): its training, and its evaluation of the winner on the test split."""
     args = _parser().parse_args(argv)
-    args.train = train
+    args.trainer = {k: v for k, v in (("train", train), ("test", test)) if v is not None}
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
@@ -217,7 +221,7 @@ def _worker(args: argparse.Namespace) -> int:
     try:
         worker = Worker.open(resolve_url(args.storage), args.study, device=args.device,
                              artifacts=store, fault=args.fault,
-                             **({"train": args.train} if args.train else {}))
+                             **args.trainer)
     except ConfigError as e:
         # trainer.device imports torch, so its error class is looked up only once an error came.
         from trainer.device import NoFreeDevice

@@ -7,3 +7,8 @@ RETRY_OF = "retry_of"  # user attr: the number of the attempt this one retries
 CLAIM = "hpo:claim"  # system attr: the token of the ask that took the trial
 # system attr: the configuration (`grid.key`) a trial of a finite space holds
 CONFIGURATION = "hpo:configuration"
+# user attr of a confirmation trial: {"key", "rank", "stage", "trial", "value", "seed", "values"}:
+# which configuration it re-runs (`values`, carried in place of the stage's) and with which seed
+CANDIDATE = "candidate"
+# study user attr of the last stage: the winner's test metrics, computed once (`results.best`)
+WINNER_TEST = "winner_test"

@@ -13,6 +13,11 @@ A stage of budget B is a set of B slots. A trial holds a slot while it waits, ru
 - a configuration that killed its worker twice is failed for good, and its slot is free again;
 - the stage closes when B trials are finished: exactly B, with any number of workers.
 
+A confirmation stage (a space file's `confirm` table) creates no trials of its own: when it opens,
+its re-runs of the best configurations are queued and its budget set to their number
+(`writes.queue_candidates`, attribute `queued_only`), and it closes when none is left waiting or
+running.
+
 A stage whose space is finite (only categorical and stepped parameters: `search.space.grid`) trains
 each configuration at most once: a new trial needs a configuration no trial holds yet as well as a
 slot, and once every configuration is finished the stage closes early ("space exhausted").
@@ -35,6 +40,8 @@ from search.db.optuna_private import STUDY_ATTRS, SYSTEM_ATTRS, TRIALS
 
 BUDGET = "budget"  # study user attr: the stage's budget of finished trials
 SPACE_SIZE = "space_size"  # study user attr: its distinct configurations (absent: unbounded)
+# study user attr, true once a confirmation stage queued its trials: it runs those and no others
+QUEUED_ONLY = "queued_only"
 
 _TRIALS, _SYSTEM_ATTRS, _STUDY_ATTRS = TRIALS, SYSTEM_ATTRS, STUDY_ATTRS
 HOLDING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -47,6 +54,7 @@ class Limit:
 
     trials: int | None
     configurations: int | None = None
+    queued_only: bool = False  # a confirmation stage: no new trials, only the queued ones
 
 
 @dataclass(frozen=True)
@@ -81,11 +89,14 @@ def exhausted(counts: Counts, limit: Limit) -> bool:
 def closed(counts: Counts, limit: Limit) -> bool:
     """The stage is done: B trials finished, or its space exhausted."""
     spent = limit.trials is not None and counts.finished >= limit.trials
-    return spent or exhausted(counts, limit)
+    drained = limit.queued_only and counts.running == counts.waiting == 0
+    return spent or drained or exhausted(counts, limit)
 
 
 def free_slots(counts: Counts, limit: Limit) -> int:
     """How many new trials may be created now."""
+    if limit.queued_only:
+        return 0
     free = 1 if limit.trials is None else max(0, limit.trials - counts.occupied)
     if limit.configurations is not None:
         free = min(free, max(0, limit.configurations - counts.configurations))
@@ -143,10 +154,12 @@ def read_limit(conn: sa.Connection, study_id: int) -> Limit:
     attrs = dict(conn.execute(
         sa.select(_STUDY_ATTRS.c.key, _STUDY_ATTRS.c.value_json)
         .where(_STUDY_ATTRS.c.study_id == study_id,
-               _STUDY_ATTRS.c.key.in_((BUDGET, SPACE_SIZE)))
+               _STUDY_ATTRS.c.key.in_((BUDGET, SPACE_SIZE, QUEUED_ONLY)))
     ).all())
-    trials, size = (json.loads(attrs[k]) if k in attrs else None for k in (BUDGET, SPACE_SIZE))
-    return Limit(None if trials is None else int(trials), None if size is None else int(size))
+    trials, size, queued = (json.loads(attrs[k]) if k in attrs else None
+                            for k in (BUDGET, SPACE_SIZE, QUEUED_ONLY))
+    return Limit(None if trials is None else int(trials), None if size is None else int(size),
+                 bool(queued))
 
 
 def state(engine: sa.Engine, study_id: int) -> tuple[Counts, Limit]:

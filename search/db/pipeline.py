@@ -9,6 +9,7 @@ which already holds what its own stage carried in.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.db import budget, registry
+from search.db import budget, registry, writes
 from search.db import optuna_private as op
 from search.db.budget import BUDGET, SPACE_SIZE, Counts
 from search.space import grid
@@ -135,6 +136,41 @@ def best_of(
     return next(((s, t) for s, t in found if t is best), None)
 
 
+def candidates(
+    storage: optuna.storages.RDBStorage, name: str, pipeline: Pipeline, index: int
+) -> list[dict[str, Any]]:
+    """What the confirmation stage `index` re-runs: the best `top` distinct configurations of
+    the stages before it (best first), each with seeds base + 1 .. base + `seeds`, as the user
+    attribute `candidate` of its queued trials."""
+    confirm = pipeline.stages[index].confirms
+    assert confirm is not None
+    ranked: list[tuple[float, int, Stage, FrozenTrial]] = []
+    for order, stage in enumerate(pipeline.stages[:index]):
+        study = load_stage_study(storage, name, stage)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.value is not None:
+                ranked.append((t.value, order, stage, t))
+    sign = -1.0 if pipeline.direction == "maximize" else 1.0
+    # Best first; of equal values, the earlier stage and trial, as `best_of` picks.
+    ranked.sort(key=lambda r: (sign * r[0], r[1], r[3].number))
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for value, _, stage, trial in ranked:
+        values = carried_from(trial)
+        same = json.dumps(values, sort_keys=True)
+        if same in seen:
+            continue
+        seen.add(same)
+        base = int(trial.user_attrs.get("config", {}).get("seed", 0))
+        rank = len(seen)
+        out += [{"key": f"{rank}:{s}", "rank": rank, "stage": stage.name, "trial": trial.number,
+                 "value": value, "seed": base + s, "values": values}
+                for s in range(1, confirm.seeds + 1)]
+        if rank == confirm.top:
+            break
+    return out
+
+
 def carried_from(trial: FrozenTrial) -> dict[str, Any]:
     """The searchable part of a trial's configuration: what it carried in plus its own params."""
     return {**trial.user_attrs.get("carried", {}), **trial.params}
@@ -146,8 +182,20 @@ def open_stage(
     """The carried values of stage `index`, recording them first if nobody has."""
     stage = pipeline.stages[index]
     opened = registry.get_stage(storage.engine, name, stage.name)
-    if opened is not None:
-        return opened
+    if opened is None:
+        opened = _open_new(storage, name, pipeline, index)
+    if stage.confirms is not None:
+        # Every time, not only by the worker that opened it: queueing is idempotent, and a
+        # worker that died between the two leaves the queue to the next.
+        writes.queue_candidates(load_stage_study(storage, name, stage),
+                                candidates(storage, name, pipeline, index))
+    return opened
+
+
+def _open_new(
+    storage: optuna.storages.RDBStorage, name: str, pipeline: Pipeline, index: int
+) -> registry.OpenedStage:
+    stage = pipeline.stages[index]
     carried: dict[str, Any] = {}
     source: dict[str, Any] = {}
     best = best_of(storage, name, pipeline, list(pipeline.stages[:index]))

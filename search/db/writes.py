@@ -21,6 +21,8 @@ landed:
 - `fail_running`: fails a stale trial and queues its copy in the same transaction: Optuna's
   `fail_stale_trials` commits the failure first and calls back for the retry afterwards, and a
   connection lost in between leaves the trial failed and never retried.
+- `queue_candidates`: a confirmation stage's re-runs, each queued once however many workers
+  open the stage, with the stage's budget set to their number in the same commit.
 - `set_user_attrs`: a trial's user attributes in one upsert (a repeat writes the same values),
   instead of Optuna's two transactions per attribute.
 
@@ -47,8 +49,16 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.db import budget
 from search.db import optuna_private as op
-from search.db.attrs import CLAIM, CONFIGURATION, RETRY_OF
-from search.db.optuna_private import BEATS, PARAMS, STUDIES, SYSTEM_ATTRS, TRIALS, USER_ATTRS
+from search.db.attrs import CANDIDATE, CLAIM, CONFIGURATION, RETRY_OF
+from search.db.optuna_private import (
+    BEATS,
+    PARAMS,
+    STUDIES,
+    STUDY_ATTRS,
+    SYSTEM_ATTRS,
+    TRIALS,
+    USER_ATTRS,
+)
 from search.db.storage import with_retry
 
 log = logging.getLogger(__name__)
@@ -145,6 +155,45 @@ def reserve(study: optuna.Study, trial: optuna.Trial, key: str) -> int | None:
             return None
 
     return with_retry("reserve configuration", attempt)
+
+
+def queue_candidates(study: optuna.Study, candidates: list[dict[str, Any]]) -> int:
+    """Queue a confirmation stage's trials, one WAITING trial per candidate (its user attribute
+    `candidate`, whose `key` tells two apart), and set the stage's budget to their number and
+    `queued_only`, in one transaction under the study's lock: the workers that open the stage at
+    once, or a retry after a lost reply, queue each candidate once. Returns how many the stage
+    holds."""
+    backend = op.study_rdb(study)
+    assert backend is not None, "stage studies live in a database"
+
+    def attempt() -> int:
+        with backend.engine.begin() as conn:
+            _lock_study(conn, op.study_id(study))
+            queued = {json.loads(v)["key"] for v in conn.execute(
+                sa.select(_USER_ATTRS.c.value_json)
+                .join(_TRIALS, _TRIALS.c.trial_id == _USER_ATTRS.c.trial_id)
+                .where(_TRIALS.c.study_id == op.study_id(study), _USER_ATTRS.c.key == CANDIDATE)
+            ).scalars()}
+            for candidate in candidates:
+                if candidate["key"] in queued:
+                    continue
+                trial_id, _, _ = _insert_trial(conn, op.study_id(study), TrialState.WAITING)
+                conn.execute(sa.insert(_USER_ATTRS).values(
+                    trial_id=trial_id, key=CANDIDATE, value_json=json.dumps(candidate)))
+                queued.add(candidate["key"])
+            _set_study_attrs(conn, op.study_id(study), {
+                budget.BUDGET: len(queued), budget.QUEUED_ONLY: True})
+            return len(queued)
+
+    return with_retry("queue confirmation trials", attempt)
+
+
+def _set_study_attrs(conn: sa.Connection, study_id: int, attrs: Mapping[str, Any]) -> None:
+    conn.execute(sa.delete(STUDY_ATTRS).where(STUDY_ATTRS.c.study_id == study_id,
+                                              STUDY_ATTRS.c.key.in_(list(attrs))))
+    conn.execute(sa.insert(STUDY_ATTRS), [
+        {"study_id": study_id, "key": key, "value_json": json.dumps(value)}
+        for key, value in attrs.items()])
 
 
 def fail_running(

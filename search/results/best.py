@@ -11,7 +11,7 @@ import optuna
 
 from search.artifacts import Artifacts
 from search.db import budget as budget_rules
-from search.db import pipeline, registry
+from search.db import pipeline, registry, winner
 from search.space.spec import WORKER_OWNED, Pipeline
 
 
@@ -57,12 +57,12 @@ def stage_status(
         opened = registry.get_stage(storage.engine, name, stage.name)
         counts, limit = pipeline.stage_state(study)
         not_beaten = None
-        value = best.value if best is not None else None
-        if value is not None:
+        # A confirmation stage re-runs what it is compared with: it carries nothing either way.
+        if best is not None and best.value is not None and stage.confirms is None:
             # Strictly better, as `pipeline.best_of` picks what the next stage opens from: a tie
             # with the earlier best carries nothing new either.
-            if earlier is None or sign * value > sign * earlier[2]:
-                earlier = (stage.name, best.number, value)  # type: ignore[union-attr]
+            if earlier is None or sign * best.value > sign * earlier[2]:
+                earlier = (stage.name, best.number, best.value)
             else:
                 not_beaten = {"stage": earlier[0], "trial": earlier[1], "value": earlier[2]}
         out.append(StageStatus(
@@ -78,14 +78,17 @@ def stage_status(
 
 
 def best(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> dict[str, Any]:
-    """The best complete trial of the whole pipeline: its full configuration (what
-    `python -m trainer --config` takes), its metrics, and where it came from."""
-    found = pipeline.best_of(storage, name, pipe, list(pipe.stages))
+    """The pipeline's winner: its full configuration (what `python -m trainer --config` takes),
+    its metrics, and where it came from. With a confirmation stage that has run, the winner is
+    the configuration with the best mean over its seeds (`confirmed`: mean, standard deviation,
+    each seed's value), represented by its best seed's run; before that, the best complete
+    trial. `test`: the winner's test metrics, computed once (`winner_test`), or None."""
+    found = winner.find(storage, name, pipe)
     if found is None:
         raise pipeline.PipelineError(f"study {name!r} has no complete trial yet")
-    stage, trial = found
+    stage, trial, confirmed = found
     config = {k: v for k, v in trial.user_attrs["config"].items() if k not in WORKER_OWNED}
-    return {
+    info: dict[str, Any] = {
         "study": name,
         "stage": stage.name,
         "trial": trial.number,
@@ -94,7 +97,16 @@ def best(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> dict
         "config": config,
         "metrics": trial.user_attrs.get("metrics", {}),
         "checkpoint": trial.user_attrs.get("checkpoint", ""),
+        "confirmed": None,
+        "test": None,
     }
+    if confirmed:
+        top = confirmed[0]
+        info["confirmed"] = {k: v for k, v in top.items() if k != "best"}
+        info["confirmed"]["runners_up"] = [
+            {k: v for k, v in c.items() if k not in ("best", "runs")} for c in confirmed[1:]]
+    info["test"] = winner.stored_test(storage, name, pipe, stage, trial)
+    return info
 
 
 def best_checkpoint(info: dict[str, Any], store: Artifacts) -> Path:

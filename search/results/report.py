@@ -118,11 +118,23 @@ def _best_section(
     if all(s.best_value is None for s in statuses):
         return _note("No trial has completed yet: no best model to show.")
     info = best(storage, name, pipe)
-    m = info["metrics"]
+    m = info["test"] or {}
     out = [
         f"<p>Stage <b>{_esc(pipeline.stage_study_name(name, info['stage']))}</b>, trial"
         f" #{info['trial']}: {_esc(info['metric'])} = {format_value(info['value'])}.</p>",
-        _table(["test metric", "value"], [
+    ]
+    if info["confirmed"]:
+        c = info["confirmed"]
+        out.append(
+            f"<p>Confirmed: {_esc(info['metric'])} {c['mean']:.4f} ± {c['std']:.4f} over"
+            f" {c['seeds']} seeds ({', '.join(f'{v:.4f}' for v in c['values'])}), re-runs of"
+            f" {_esc(c['of']['stage'])} #{c['of']['trial']} ({c['of']['value']:.4f} there).</p>")
+    if not m:
+        out.append(_note("Test metrics: not evaluated yet. The test split is evaluated once, for"
+                         " the winner, by the first worker to find the search done (or by"
+                         " `hpo export`)."))
+    out += [
+        _table(["test metric (evaluated once, for the winner)", "value"], [
             ["test accuracy (test_acc)", _num(m.get("test_acc"))],
             ["top-5 accuracy (test_top5)", _num(m.get("test_top5"))],
             ["macro F1 (test_macro_f1)", _num(m.get("test_macro_f1"))],

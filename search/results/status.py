@@ -9,6 +9,7 @@ from typing import Any
 
 import optuna
 
+from search.db import winner
 from search.results import snapshot
 from search.results.best import StageStatus, stage_status
 from search.space.spec import Pipeline
@@ -34,8 +35,12 @@ def status_dict(
             "seconds": round(s.seconds, 1), "closed": s.closed, "exhausted": s.exhausted,
             "not_beaten": s.not_beaten,
         })
+    confirmed = [{k: v for k, v in c.items() if k != "best"}
+                 for c in winner.confirmation(storage, name, pipe)]
     return {
         "study": name, "metric": pipe.metric, "direction": pipe.direction, "stages": stages,
+        # The confirmation stage's candidates, best mean first: the first is the winner.
+        "confirmed": confirmed,
         "workers": [
             {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in w.items()
              if k != "trial"} | _current(w) for w in snap.workers
@@ -69,8 +74,13 @@ def print_status(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline)
                      str(s["failed"] - s["handed_back"]), str(s["running"] + s["waiting"]), best,
                      _duration(s["seconds"])))
     table(rows)
-    for s, st in zip(info["stages"], statuses, strict=True):
-        if s["carried"]:
+    for c in info["confirmed"]:
+        of = c["of"]
+        print(f"  {'winner' if c is info['confirmed'][0] else 'then  '}: {of['stage']}"
+              f" #{of['trial']} re-run with {c['seeds']} seeds: {pipe.metric} {c['mean']:.4f}"
+              f" ± {c['std']:.4f}")
+    for s, st, stage in zip(info["stages"], statuses, pipe.stages, strict=True):
+        if s["carried"] and stage.confirms is None:
             print(f"  {s['stage']} carries: {json.dumps(s['carried'], sort_keys=True)}")
         if st.verdict:
             print(f"  {s['stage']} {st.verdict}")

@@ -11,16 +11,20 @@ from typing import Any
 from search.results.snapshot import Snapshot, duration
 from search.space.spec import Pipeline
 
-METRICS = ("val_acc", "val_loss", "test_acc", "test_top5", "test_macro_f1")
+VAL_METRICS = ("val_acc", "val_loss")
+TEST_METRICS = ("test_acc", "test_top5", "test_macro_f1")
 
 
 def by_stage(info: dict[str, Any], pipe: Pipeline) -> list[tuple[str, dict[str, Any] | None]]:
     """The winner's value of each stage's searched parameters; None for a stage after the
     winner's, whose trials did not beat the configuration it carried."""
-    names = [s.name for s in pipe.stages]
-    won = names.index(info["stage"])
+    stages = [s for s in pipe.stages if s.confirms is None]  # it searches nothing
+    names = [s.name for s in stages]
+    # A confirmed winner re-ran a trial of an earlier stage: its parameters were found there.
+    found = info["confirmed"]["of"]["stage"] if info.get("confirmed") else info["stage"]
+    won = names.index(found)
     return [(s.name, {k: info["config"].get(k) for k in s.params} if i <= won else None)
-            for i, s in enumerate(pipe.stages)]
+            for i, s in enumerate(stages)]
 
 
 def plural(n: int, word: str) -> str:
@@ -37,20 +41,32 @@ def _value(v: Any) -> str:
 def best_lines(info: dict[str, Any], pipe: Pipeline, *, every_field: bool = False) -> list[str]:
     lines = [f"best: stage {info['stage']!r} trial {info['trial']}, {info['metric']} ="
              f" {info['value']:.4f}"]
+    confirmed = info.get("confirmed")
+    if confirmed:
+        of = confirmed["of"]
+        lines.append(f"  confirmed: {info['metric']} {confirmed['mean']:.4f} ±"
+                     f" {confirmed['std']:.4f} over {plural(confirmed['seeds'], 'seed')}"
+                     f" (re-runs of {of['stage']} #{of['trial']}, {of['value']:.4f} there)")
     rows = []
     for name, params in by_stage(info, pipe):
         if params is None:
             rows.append((name, "no trial beat the configuration it carried"))
             continue
-        label = name if name == info["stage"] else f"{name} (carried)"
+        found = info["confirmed"]["of"]["stage"] if info.get("confirmed") else info["stage"]
+        label = name if name == found else f"{name} (carried)"
         rows.append((label, ", ".join(f"{k} = {_value(v)}" for k, v in params.items())
                      or "no parameters"))
     width = max(len(label) for label, _ in rows) + 1
     lines += [f"  {(label + ':').ljust(width)} {text}" for label, text in rows]
     metrics = info["metrics"]
-    shown = [f"{k} {metrics[k]:.4f}" for k in METRICS if isinstance(metrics.get(k), float)]
+    shown = [f"{k} {metrics[k]:.4f}" for k in VAL_METRICS if isinstance(metrics.get(k), float)]
     if shown:
         lines.append(f"  metrics: {', '.join(shown)}")
+    test = info.get("test") or {}
+    shown = [f"{k} {test[k]:.4f}" for k in TEST_METRICS if isinstance(test.get(k), float)]
+    lines.append(f"  test (once, for the winner): {', '.join(shown)}" if shown else
+                 "  test: not evaluated yet (the first worker to find the search done does it;"
+                 " or `hpo export`)")
     if every_field:
         lines.append("  config:")
         lines += [f"    {k} = {v!r}" for k, v in sorted(info["config"].items())]

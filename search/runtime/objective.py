@@ -22,6 +22,7 @@ from optuna.artifacts import upload_artifact
 from search.artifacts import Artifacts
 from search.db import optuna_private as op
 from search.db import writes
+from search.db.attrs import CANDIDATE
 from search.db.storage import with_retry
 from search.runtime.outcome import Duplicate
 from search.runtime.retry import root_number
@@ -135,10 +136,19 @@ def checkpoint_dir(ctx: TrialContext, trial: optuna.Trial) -> Path:
     return ctx.artifacts.root / ctx.study / ctx.stage.name / f"trial-{root_number(trial):05d}"
 
 
+def carried(trial: optuna.Trial, ctx: TrialContext) -> dict[str, Any]:
+    """What the trial starts from: the stage's carried values, or for a confirmation trial the
+    configuration it re-runs, with its seed."""
+    candidate = trial.user_attrs.get(CANDIDATE)
+    if candidate is None:
+        return ctx.carried
+    return {**candidate["values"], "seed": candidate["seed"]}
+
+
 def trial_config(trial: optuna.Trial, ctx: TrialContext) -> TrainConfig:
     params = {name: suggest_once(trial, name, p) for name, p in ctx.stage.params.items()}
     overrides = {
-        **base_config(ctx.pipeline, ctx.stage, ctx.carried),
+        **base_config(ctx.pipeline, ctx.stage, carried(trial, ctx)),
         **params,
         "checkpoint_dir": str(checkpoint_dir(ctx, trial)),
         "device": ctx.device,
@@ -160,9 +170,10 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
         if holder is not None:
             raise Duplicate(holder)
     public = {k: v for k, v in cfg.to_dict().items() if k not in WORKER_OWNED}
-    if "teacher" in ctx.carried:
-        public["teacher"] = ctx.carried["teacher"]
-    _set_attrs(trial, {"config": public, "carried": ctx.carried, "worker": ctx.worker,
+    start = carried(trial, ctx)
+    if "teacher" in start:
+        public["teacher"] = start["teacher"]
+    _set_attrs(trial, {"config": public, "carried": start, "worker": ctx.worker,
                        "device": ctx.device})
     metric = ctx.pipeline.metric
     epochs: list[dict[str, Any]] = []
@@ -202,8 +213,10 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
         artifact = upload_once(trial, ctx.artifacts.optuna_store(), str(upload))
     _set_attrs(trial, {
         "epochs": epochs,
+        # Validation only: the test split is evaluated once, for the winner (search.db.winner).
         "metrics": {k: v for k, v in result.metrics().items()
-                    if k not in ("history", "config", "data")},
+                    if k not in ("history", "config", "data", "confusion")
+                    and not k.startswith("test_")},
         "images_per_sec": result.images_per_sec,
         "peak_memory_mb": result.peak_memory_mb,
         "checkpoint": ctx.artifacts.ref(result.checkpoint),

@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.db import budget, pipeline
 from search.db import optuna_private as op
-from search.db.attrs import CRASHES, RETRY_OF, ROOT
+from search.db.attrs import CANDIDATE, CRASHES, RETRY_OF, ROOT
 from search.db.writes import fail_running, queue_copy
 
 MAX_CRASH_RETRIES = 1  # a configuration that killed its worker twice is failed for good
@@ -28,11 +28,14 @@ def root_number(trial: FrozenTrial | optuna.Trial) -> int:
 
 def copy_attrs(trial: FrozenTrial, *, crashed: bool) -> dict[str, Any]:
     """The user attributes of a retry of `trial`."""
-    return {
+    attrs: dict[str, Any] = {
         ROOT: root_number(trial),
         CRASHES: int(trial.user_attrs.get(CRASHES, 0)) + int(crashed),
         RETRY_OF: trial.number,
     }
+    if CANDIDATE in trial.user_attrs:  # a confirmation trial's retry re-runs the same one
+        attrs[CANDIDATE] = trial.user_attrs[CANDIDATE]
+    return attrs
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial, *, crashed: bool) -> None:

@@ -10,7 +10,8 @@ exits 0. A machine that cannot read the data hands its trial back the same way a
 The parts: `Worker.open` does the set-up I/O (claims a device, opens the database, reads the
 pipeline); `run` registers the worker, installs the signal handlers, and runs the stages in order
 with `search.runtime.stages.StageRunner`, whose trials end in an `search.runtime.outcome.Outcome`.
-The trainer is passed in (`train`): `trainer.train` by default, a stub in load tests.
+The trainer is passed in (`train`, and `test`, which evaluates the winner on the test split once
+the pipeline is done): the trainer's by default, stubs in load tests.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from types import FrameType
 import optuna
 
 from search.artifacts import Artifacts
-from search.db import pipeline, registry
+from search.db import pipeline, registry, winner
 from search.db.storage import open_storage, redact, with_retry
 from search.runtime import objective, strategy
 from search.runtime.beat import Beat
@@ -69,9 +70,11 @@ class Worker:
         self, url: str, study: str, pipe: Pipeline, storage: optuna.storages.RDBStorage, *,
         device: str, artifacts: Artifacts, fault: str = "",
         train: objective.Train = objective.train_lazily, device_lock: int | None = None,
+        test: winner.Evaluate = winner.evaluate_lazily,
     ) -> None:
         self.url, self.study, self.pipeline, self.storage = url, study, pipe, storage
         self.device, self.artifacts, self.fault, self.train = device, artifacts, fault, train
+        self.test = test  # evaluates the winner on the test split, once the pipeline is done
         self._device_lock = device_lock  # the GPU claim lives as long as this descriptor is open
         self.stop = threading.Event()
         self.worker_id = 0
@@ -84,12 +87,13 @@ class Worker:
     def open(
         cls, url: str, study: str, *, device: str = "auto", artifacts: Artifacts, fault: str = "",
         train: objective.Train = objective.train_lazily,
+        test: winner.Evaluate = winner.evaluate_lazily,
     ) -> Worker:
         """Claim the device, open the database and read the study's pipeline."""
         name, lock = worker_device(device)
         storage = open_storage(url)
         return cls(url, study, pipeline.load(storage, study), storage, device=name,
-                   artifacts=artifacts, fault=fault, train=train, device_lock=lock)
+                   artifacts=artifacts, fault=fault, train=train, device_lock=lock, test=test)
 
     def run(self) -> int:
         self._install_signals()
@@ -103,9 +107,14 @@ class Worker:
         state, reason = "failed", "stopped by an error in the worker"
         try:
             with Beat(self.storage, self.worker_id, lambda: self._studies) as beat:
+                ends = []
                 for index in range(len(self.pipeline.stages)):
-                    if self._run_stage(index, beat) != StageEnd.CLOSED:
+                    ends.append(self._run_stage(index, beat))
+                    if ends[-1] != StageEnd.CLOSED:
                         break
+                if ends.count(StageEnd.CLOSED) == len(self.pipeline.stages):
+                    beat.note(current="testing the winner")
+                    self._test_winner()
             if self.exit_code:
                 # Non-zero, so `hpo run`, a restart policy and whoever reads the exit code see
                 # that this worker stopped for a reason of its own, not because the search is done.
@@ -141,6 +150,22 @@ class Worker:
             self.exit_code = EXIT_ERRORS
             self.reason = f"{ERROR_LIMIT} trials in a row raised errors: {self.tally.error}"
         return end
+
+    def _test_winner(self) -> None:
+        """The pipeline is done: the winner's test metrics, once for the pipeline (a worker
+        that finds them stored does nothing). A failure here is logged, not the worker's exit:
+        `hpo export` computes them where this could not."""
+        try:
+            metrics = with_retry("test the winner", lambda: winner.test_once(
+                self.storage, self.study, self.pipeline, self.artifacts, self.device,
+                self.test))
+        except Exception as e:
+            log.warning("the winner's test metrics were not computed: %s: %s",
+                        type(e).__name__, e)
+            return
+        if metrics is not None:
+            log.info("the winner's test metrics: %s", ", ".join(
+                f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
     def _install_signals(self) -> None:
         def handler(signum: int, _frame: FrameType | None) -> None:

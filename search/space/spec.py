@@ -50,11 +50,13 @@ MAX_BYTES = 1 << 20  # a space file is a few KiB; anything near this is a mistak
 Direction = Literal["maximize", "minimize"]
 METRICS: dict[str, Direction] = {
     "val_acc": "maximize", "val_top5": "maximize", "val_loss": "minimize"}
-TOP_KEYS = ("dataset", "metric", "fixed", "stage")
+TOP_KEYS = ("dataset", "metric", "fixed", "stage", "confirm")
 # TrainConfig fields the worker sets for each trial, whatever a space file says: where and how a
 # trial runs, not what it computes (so they are left out of a trial's recorded configuration).
 WORKER_OWNED = ("checkpoint_dir", "device", "resume", "fault")
 STAGE_KEYS = ("name", "trials", "epochs", "pruner", "sampler", "teacher", "fixed", "params")
+CONFIRM_KEYS = ("top", "seeds", "epochs")
+CONFIRM_STAGE = "confirm"  # the name of the confirmation stage a `confirm` table adds
 # Stage names become part of Optuna study names (`<study>/<stage>`) and of folder names.
 _STAGE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -103,6 +105,17 @@ _DEFAULT_SAMPLER = dataclasses.asdict(Sampler())
 
 
 @dataclass(frozen=True)
+class Confirm:
+    """The confirmation stage: the `top` best distinct configurations of the stages before it,
+    each trained again with `seeds` new seeds (the trainer's `seed` + 1 .. + seeds) for `epochs`
+    (default: the last stage's). The winner is the best mean over its seeds."""
+
+    top: int = 3
+    seeds: int = 3
+    epochs: int | None = None
+
+
+@dataclass(frozen=True)
 class Stage:
     """One Optuna study of the pipeline. With no params it still runs `trials` trials of the
     carried config (e.g. a final, longer training of the winner)."""
@@ -115,6 +128,8 @@ class Stage:
     params: dict[str, Param] = field(default_factory=dict)
     fixed: dict[str, Any] = field(default_factory=dict)
     teacher: str | None = None  # name of an earlier stage whose best trial is the teacher
+    # The confirmation stage (`Pipeline.confirm`): its trials are the queued re-runs only.
+    confirms: Confirm | None = None
 
 
 @dataclass(frozen=True)
@@ -124,7 +139,8 @@ class Pipeline:
     dataset: str
     metric: str
     fixed: dict[str, Any]
-    stages: tuple[Stage, ...]
+    stages: tuple[Stage, ...]  # the confirmation stage, if any, last
+    confirm: Confirm | None = None
 
     @property
     def direction(self) -> Direction:
@@ -233,9 +249,34 @@ def parse_space(data: dict, source: str) -> Pipeline:
     stages: list[Stage] = []
     for index, raw in enumerate(raw_stages):
         stages.append(_stage(raw, index, names, stages, source))
-    pipeline = Pipeline(dataset, metric, fixed, tuple(stages))
+    confirm = None
+    if "confirm" in data:
+        confirm = _confirm(data["confirm"], stages[-1].epochs, f"{source}: confirm")
+        stages.append(Stage(CONFIRM_STAGE, confirm.top * confirm.seeds,
+                            confirm.epochs or stages[-1].epochs, Pruner("none"),
+                            confirms=confirm))
+        if CONFIRM_STAGE in names:
+            raise SpaceError(f"{source}: stage {CONFIRM_STAGE!r}: the name is the confirmation"
+                             " stage's; rename the stage")
+    pipeline = Pipeline(dataset, metric, fixed, tuple(stages), confirm)
     _check_configs(pipeline, source)
     return pipeline
+
+
+def _confirm(raw: Any, epochs: int, at: str) -> Confirm:
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{at}: expected a table such as {{ top = 3, seeds = 3 }}, got"
+                         f" {show(raw)}")
+    no_unknown_keys(raw, CONFIRM_KEYS, f"{at}.")
+    top = count(raw.get("top", Confirm.top), f"{at}.top", 1)
+    seeds = count(raw.get("seeds", Confirm.seeds), f"{at}.seeds", 1)
+    confirm_epochs = None
+    if "epochs" in raw:
+        try:
+            confirm_epochs = field_value("epochs", raw["epochs"])
+        except ParamError as err:
+            raise SpaceError(f"{at}.epochs: {err}") from None
+    return Confirm(top, seeds, confirm_epochs)
 
 
 def _pruner(raw: Any, epochs: int, at: str) -> Pruner:
@@ -371,6 +412,8 @@ def _kd_alphas(pipeline: Pipeline, stage: Stage, carried: dict[str, tuple[str, P
 def _to_data(pipeline: Pipeline) -> dict[str, Any]:
     stages = []
     for stage in pipeline.stages:
+        if stage.confirms is not None:
+            continue  # written as the `confirm` table
         data: dict[str, Any] = {
             "name": stage.name,
             "trials": stage.trials,
@@ -383,9 +426,14 @@ def _to_data(pipeline: Pipeline) -> dict[str, Any]:
         if stage.teacher is not None:
             data["teacher"] = f"best:{stage.teacher}"
         stages.append(data)
-    return {
+    data = {
         "dataset": pipeline.dataset,
         "metric": pipeline.metric,
         "fixed": dict(pipeline.fixed),
         "stage": stages,
     }
+    if pipeline.confirm is not None:
+        c = pipeline.confirm
+        data["confirm"] = {"top": c.top, "seeds": c.seeds,
+                           **({"epochs": c.epochs} if c.epochs is not None else {})}
+    return data
