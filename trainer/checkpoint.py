@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
-from trainer.config import ConfigError
+from trainer.contract import BEST, LAST
+from trainer.errors import ConfigError
+
+__all__ = ["BEST", "FORMAT", "LAST", "EpochCheckpoints", "host_copy", "load", "save"]
 
 FORMAT = 1
-LAST = "last.pt"
-BEST = "best.pt"
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:

@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any
 
+from trainer.errors import ConfigError
+
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 IMAGENET_DEPTHS = (18, 34, 50, 101, 152)
 MODELS = tuple(f"resnet{d}" for d in CIFAR_DEPTHS + IMAGENET_DEPTHS)
@@ -23,10 +25,6 @@ LOADERS = ("auto", "memory", "stream")
 
 
 DATASETS = ("digits", "cifar10", "cifar100", "synthetic", "digits-hard", "synthetic-hard")
-
-
-class ConfigError(ValueError):
-    """A config field is unknown or holds a bad value; the message names the field."""
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.config import ConfigError
-
-
-class NoFreeDevice(ConfigError):
-    """Every GPU is claimed by another worker on this host."""
+from trainer.errors import ConfigError, NoFreeDevice
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,14 @@
-"""Typed failures of a training run, so a caller can tell a bad region from a broken run."""
+"""Typed failures of a training run, so a caller can tell a bad region from a broken run.
+
+Torch-free and importing nothing of the trainer, so `trainer.config` and `trainer.contract` can
+take their errors from here without a cycle.
+"""
 
 from __future__ import annotations
 
-from trainer.config import ConfigError
+
+class ConfigError(ValueError):
+    """A config field is unknown or holds a bad value; the message names the field."""
 
 
 class TrainError(RuntimeError):
@@ -40,3 +46,7 @@ class DataUnavailable(ConfigError):
     share), no class folders or images in it, CIFAR's files missing. A user error for
     `python -m trainer`; for a worker, a reason to hand its trial back and stop, since another
     machine may read the data."""
+
+
+class NoFreeDevice(ConfigError):
+    """Every GPU is claimed by another worker on this host."""

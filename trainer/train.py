@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch
 from trainer import checkpoint
 from trainer.augment import train_transform
 from trainer.config import ConfigError, TrainConfig, check
+from trainer.contract import Progress, Report, Result
 from trainer.data import ImageData, load_data
 from trainer.device import peak_memory_mb, resolve_runtime
 from trainer.errors import Interrupted
@@ -31,40 +30,12 @@ from trainer.saved_model import load_model
 from trainer.schedule import lr_at, peak_lr
 from trainer.step import StepRunner
 
-Report = Callable[[int, dict[str, Any]], None]
-Progress = Callable[[int, int, int], None]  # (epoch, step in epoch, steps per epoch)
-
 # Fields that may differ between a run and the checkpoint it resumes: they change where or how
 # fast the run happens, not what it computes.
 _RESUMABLE_DIFFERENCES = frozenset(
     {"device", "checkpoint_dir", "resume", "num_workers", "eval_batch_size", "fault", "download",
      "checkpoint_seconds"}
 )
-
-
-@dataclass
-class Result:
-    val_acc: float  # of the best epoch (the one whose weights are kept and tested)
-    val_top5: float
-    val_loss: float
-    best_epoch: int
-    test_acc: float
-    test_top5: float
-    test_loss: float
-    test_macro_f1: float
-    test_f1: list[float]
-    confusion: list[list[int]]
-    history: list[dict[str, Any]]  # one dict of metrics per epoch, resumed epochs included
-    images_per_sec: float  # training throughput of the epochs this call ran
-    peak_memory_mb: float
-    device: str
-    amp: str
-    checkpoint: str  # best.pt, or "" without a checkpoint_dir
-    data: dict[str, Any] = field(default_factory=dict)  # the recorded split
-    config: dict[str, Any] = field(default_factory=dict)
-
-    def metrics(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def train(
