@@ -18,7 +18,7 @@ import torch
 from trainer import checkpoint
 from trainer.augment import train_transform
 from trainer.config import ConfigError, TrainConfig, check
-from trainer.contract import Progress, Report, Result
+from trainer.contract import Progress, Report, Result, is_better
 from trainer.data import ImageData, load_data
 from trainer.device import peak_memory_mb, resolve_runtime
 from trainer.errors import Interrupted
@@ -141,7 +141,8 @@ def train(
             "micro_batch": runner.micro_batch,
         }
         history.append(metrics)
-        improved = best is None or metrics["val_acc"] > best["val_acc"]
+        key = cfg.best_metric
+        improved = best is None or is_better(key, metrics[key], best[key])
         if improved:
             best = metrics
         ckpts.epoch({
@@ -218,6 +219,9 @@ def _data_facts(data: ImageData) -> dict[str, Any]:
 
 def _check_resumable(cfg: TrainConfig, saved: dict[str, Any], where: Path) -> None:
     current = cfg.to_dict()
+    # A field the checkpoint lacks was added since it was written: it ran with the default then
+    # (e.g. best_metric, before which the best epoch was always the best val_acc).
+    saved = {**TrainConfig().to_dict(), **saved}
     differing = sorted(
         k for k in current if k not in _RESUMABLE_DIFFERENCES and saved.get(k) != current[k]
     )

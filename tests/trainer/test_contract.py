@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from trainer import checkpoint, contract, errors, train
+from trainer.config import TrainConfig
 
 ROOT = Path(__file__).parents[2]  # this tree's trainer/, whatever the venv installed
 
@@ -42,6 +43,7 @@ def test_every_metric_with_a_direction_is_one_the_run_records() -> None:
     # The keys of an epoch's history that are validation metrics: exactly the ones with a
     # direction (and so the values best_metric takes).
     assert set(contract.METRIC_DIRECTIONS) == {"val_acc", "val_top5", "val_loss"}
+    assert TrainConfig().best_metric in contract.METRIC_DIRECTIONS
 
 
 @pytest.mark.parametrize(("metric", "value", "than", "better"), [

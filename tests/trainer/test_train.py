@@ -128,6 +128,38 @@ def test_nesterov_without_momentum_is_a_config_error() -> None:
         train(cfg(optimizer="nesterov", momentum=0.0))
 
 
+# --- the epoch kept --------------------------------------------------------------------------
+
+# A constant, high rate (lr_floor = 1: no decay) on digits: epoch 3 has the best val_acc and
+# epoch 4 the lowest val_loss, so the two metrics keep different epochs.
+NOISY = cfg(epochs=4, lr=0.4, lr_floor=1.0, warmup_epochs=0.0)
+
+
+def test_the_kept_epoch_is_the_best_by_best_metric_in_its_direction(tmp_path: Path) -> None:
+    by_acc = train(replace(NOISY, checkpoint_dir=str(tmp_path / "acc")))
+    by_loss = train(replace(NOISY, best_metric="val_loss", checkpoint_dir=str(tmp_path / "loss")))
+    assert curve(by_acc) == curve(by_loss)  # the metric picks an epoch; it changes no training
+    history = by_acc.history
+    accs, losses = [h["val_acc"] for h in history], [h["val_loss"] for h in history]
+    # The first of equal values: a tie keeps the earlier epoch.
+    assert by_acc.best_epoch == accs.index(max(accs)) + 1
+    assert by_loss.best_epoch == losses.index(min(losses)) + 1
+    assert by_acc.best_epoch != by_loss.best_epoch  # else this config could not tell them apart
+    for result in (by_acc, by_loss):
+        kept = result.history[result.best_epoch - 1]
+        assert (result.val_acc, result.val_loss, result.val_top5) == (
+            kept["val_acc"], kept["val_loss"], kept["val_top5"])
+        best = checkpoint.load(result.checkpoint)
+        assert best["epoch"] == result.best_epoch and best["metrics"] == kept
+    # The test metrics are of each run's kept weights, so they differ with the epoch kept.
+    assert by_acc.test_loss != by_loss.test_loss
+
+
+def test_best_metric_is_a_recorded_validation_metric() -> None:
+    with pytest.raises(ConfigError, match="best_metric"):
+        train(cfg(best_metric="test_acc"))
+
+
 # --- resume ----------------------------------------------------------------------------------
 
 RESUME = cfg(epochs=3, batch_size=64)
@@ -225,7 +257,9 @@ def test_interrupted_without_a_checkpoint_dir_has_no_epoch_to_resume() -> None:
     assert caught.value.last_epoch == 0
 
 
-@pytest.mark.parametrize(("field", "value"), [("lr", 0.05), ("width", 0.5), ("epochs", 4)])
+@pytest.mark.parametrize(("field", "value"), [
+    ("lr", 0.05), ("width", 0.5), ("epochs", 4), ("best_metric", "val_loss"),
+])
 def test_resuming_with_another_config_is_refused_and_changes_nothing(
     uninterrupted: Result, field: str, value: Any
 ) -> None:
@@ -234,6 +268,24 @@ def test_resuming_with_another_config_is_refused_and_changes_nothing(
     with pytest.raises(ConfigError, match=field):
         train(replace(RESUME, checkpoint_dir=str(where), **{field: value}))
     assert {p.name: p.read_bytes() for p in where.iterdir()} == before
+
+
+def test_a_checkpoint_from_before_best_metric_resumes_as_val_acc(
+    uninterrupted: Result, tmp_path: Path
+) -> None:
+    """Checkpoints written before the field existed lack it: they kept the best val_acc, the
+    default, so a default run resumes them and a run by val_loss is refused."""
+    where = Path(uninterrupted.checkpoint).parent
+    for name in (checkpoint.BEST, checkpoint.LAST):
+        state = checkpoint.load(where / name)
+        del state["config"]["best_metric"]
+        checkpoint.save(tmp_path / name, state)
+    reports: list[int] = []
+    again = train(replace(RESUME, checkpoint_dir=str(tmp_path)),
+                  report=lambda epoch, _: reports.append(epoch))
+    assert reports == [] and curve(again) == curve(uninterrupted)
+    with pytest.raises(ConfigError, match="best_metric"):
+        train(replace(RESUME, checkpoint_dir=str(tmp_path), best_metric="val_loss"))
 
 
 def test_resuming_a_finished_run_trains_nothing(uninterrupted: Result) -> None:
