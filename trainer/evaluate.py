@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -11,7 +10,7 @@ from torch import Tensor, nn
 
 from trainer.augment import eval_transform
 from trainer.data import ImageData
-from trainer.device import Runtime
+from trainer.device import Runtime, autocast
 from trainer.losses import topk_correct
 
 
@@ -66,9 +65,3 @@ def per_class_f1(confusion: Tensor) -> list[float]:
     denom = predicted + actual
     f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
     return f1.tolist()
-
-
-def autocast(rt: Runtime) -> contextlib.AbstractContextManager[Any]:
-    if rt.amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=rt.device.type, dtype=rt.amp_dtype)

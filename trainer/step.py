@@ -15,9 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config import TrainConfig, fault_of
-from trainer.device import Runtime, release_memory
+from trainer.device import Runtime, autocast, release_memory
 from trainer.errors import Diverged, OutOfMemory
-from trainer.evaluate import autocast
 from trainer.losses import hard_loss, soft_loss
 
 
