@@ -15,6 +15,7 @@ from trainer.config import with_overrides
 from trainer.data import load_data
 from trainer.device import resolve_runtime
 from trainer.evaluate import evaluate
+from trainer.files import write_atomic, write_atomic_with
 from trainer.saved_model import load_model, saved_config
 
 
@@ -29,14 +30,13 @@ def export_model(best: str | Path, out: str | Path, extra: dict[str, Any] | None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     target = out / checkpoint.BEST
-    # Exporting into the checkpoint_dir itself only adds config.json; copyfile would refuse.
+    # Exporting into the checkpoint_dir itself only adds config.json.
     if not (target.exists() and target.samefile(best)):
-        shutil.copyfile(best, target)
+        with best.open("rb") as source:
+            write_atomic_with(target, lambda f: shutil.copyfileobj(source, f))
     config = {k: v for k, v in payload["config"].items() if k not in ("checkpoint_dir", "fault")}
-    (out / "config.json").write_text(
-        json.dumps({"config": config, "metrics": payload["metrics"], **(extra or {})}, indent=2)
-        + "\n"
-    )
+    info = {"config": config, "metrics": payload["metrics"], **(extra or {})}
+    write_atomic(out / "config.json", (json.dumps(info, indent=2) + "\n").encode())
     return out
 
 
@@ -73,7 +73,7 @@ def export_bundle(bests: list[Path], out: str | Path, members: list[dict[str, An
     portable `formats` (trainer.portable). Everything is loaded and checked before anything is
     written. Returns the folder and the portable checks."""
     from trainer.bundle import CONFIG, ENSEMBLE, from_checkpoints
-    from trainer.portable import portable_files, write_atomic
+    from trainer.portable import portable_files
 
     bundle = from_checkpoints(bests, members)  # refuses members of different data
     cfg = saved_config(checkpoint.load(bests[0]))

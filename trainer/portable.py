@@ -13,9 +13,7 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -145,15 +143,3 @@ def portable_files(bundle: Bundle, cfg: TrainConfig, formats: list[str]
         files[FILES[name]], checks[name] = model, {"file": FILES[name], **check}
     return files, checks
 
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

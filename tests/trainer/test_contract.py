@@ -1,5 +1,5 @@
-"""`trainer.contract`, `trainer.errors` and `trainer.config` are what a caller outside the
-trainer imports before it trains, if it ever does: none of them may import torch."""
+"""`trainer.contract`, `trainer.errors`, `trainer.config` and `trainer.files` are what a caller
+outside the trainer imports before it trains, if it ever does: none of them may import torch."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def _imports_torch(module: str) -> bool:
     return out.stdout.strip() == "True"
 
 
-@pytest.mark.parametrize("module", ["trainer.contract", "trainer.errors", "trainer.config"])
+@pytest.mark.parametrize("module", ["trainer.contract", "trainer.errors", "trainer.config",
+                                    "trainer.files"])
 def test_importing_the_contract_does_not_import_torch(module: str) -> None:
     assert not _imports_torch(module)
 
