@@ -57,6 +57,14 @@ def evaluate(
     return out
 
 
+def as_test_metrics(test: dict[str, Any]) -> dict[str, Any]:
+    """`evaluate(..., confusion=True)` of the test split under the names `Result` gives them."""
+    return {
+        "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
+        "test_macro_f1": test["macro_f1"], "test_f1": test["f1"], "confusion": test["confusion"],
+    }
+
+
 def per_class_f1(confusion: Tensor) -> list[float]:
     """F1 of each class from a confusion matrix (rows: true class, columns: predicted)."""
     tp = confusion.diag().double()

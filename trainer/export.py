@@ -11,10 +11,11 @@ from typing import Any
 import torch
 
 from trainer import checkpoint
+from trainer.augment import mean_std_tensors
 from trainer.config import with_overrides
 from trainer.data import load_data
 from trainer.device import resolve_runtime
-from trainer.evaluate import evaluate
+from trainer.evaluate import as_test_metrics, evaluate
 from trainer.files import write_atomic, write_atomic_with
 from trainer.saved_model import load_model, saved_config
 
@@ -50,15 +51,11 @@ def evaluate_saved(path: str | Path, device: str = "auto") -> dict[str, Any]:
     cfg = with_overrides(saved_config(payload), {"device": device})
     rt = resolve_runtime(device, cfg.amp)
     data = load_data(cfg, rt.device)
-    mean = torch.tensor(payload["data"]["mean"], device=rt.device)
-    std = torch.tensor(payload["data"]["std"], device=rt.device)
+    # The model's own normalisation, as it was trained: the checkpoint's, not a recomputation.
+    mean, std = mean_std_tensors(payload["data"]["mean"], payload["data"]["std"], rt.device)
     test = evaluate(model, data, "test", rt, batch_size=cfg.eval_batch_size, mean=mean, std=std,
                     confusion=True)
-    return {
-        "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
-        "test_macro_f1": test["macro_f1"], "test_f1": test["f1"], "confusion": test["confusion"],
-        "checkpoint": str(path),
-    }
+    return {**as_test_metrics(test), "checkpoint": str(path)}
 
 
 def _is_ensemble(folder: Path) -> bool:
@@ -112,8 +109,6 @@ def evaluate_ensemble(path: str | Path, device: str = "auto") -> dict[str, Any]:
     test = evaluate(bundle.module.to(rt.device), data, "test", rt,
                     batch_size=cfg.eval_batch_size, mean=zeros, std=ones, confusion=True)
     return {
-        "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
-        "test_macro_f1": test["macro_f1"], "test_f1": test["f1"], "confusion": test["confusion"],
-        "members": len(bundle.members), "checkpoint": str(path),
+        **as_test_metrics(test), "members": len(bundle.members), "checkpoint": str(path),
         "single_best": evaluate_saved(first, device),
     }

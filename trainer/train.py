@@ -16,13 +16,13 @@ from typing import Any
 import torch
 
 from trainer import checkpoint
-from trainer.augment import train_transform
+from trainer.augment import mean_std_tensors, resolve_pad, train_transform
 from trainer.config import ConfigError, TrainConfig, check
 from trainer.contract import Progress, Report, Result, is_better
 from trainer.data import ImageData, load_data
 from trainer.device import peak_memory_mb, resolve_runtime
 from trainer.errors import Interrupted
-from trainer.evaluate import evaluate
+from trainer.evaluate import as_test_metrics, evaluate
 from trainer.losses import balanced_weights
 from trainer.models import build_model, train_mode
 from trainer.optim import make_optimizer, set_lr
@@ -71,13 +71,13 @@ def train(
         cfg.class_weights == "balanced"
     ) else None
     runner = StepRunner(cfg, rt, model, optimizer, scaler, teacher, weight)
-    mean = torch.tensor(data.mean, device=rt.device)
-    std = torch.tensor(data.std, device=rt.device)
+    mean, std = mean_std_tensors(data.mean, data.std, rt.device)
 
     steps_per_epoch = data.steps_per_epoch(cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     peak = peak_lr(cfg.lr, cfg.batch_size, cfg.lr_per_256)
+    pad = resolve_pad(cfg.crop_pad, data.image_size)
     facts = _data_facts(data)
 
     history: list[dict[str, Any]] = []
@@ -107,7 +107,7 @@ def train(
                        floor=cfg.lr_floor * peak)
             set_lr(optimizer, lr)
             inputs = train_transform(
-                x, pad=_crop_pad(cfg, data), flip=cfg.hflip and data.flip_safe,
+                x, pad=pad, flip=cfg.hflip and data.flip_safe,
                 jitter=cfg.jitter, mean=mean, std=std, generator=augment_gen,
             )
             if rt.channels_last:
@@ -169,9 +169,7 @@ def train(
                     confusion=True)
     return Result(
         val_acc=best["val_acc"], val_top5=best["val_top5"], val_loss=best["val_loss"],
-        best_epoch=best["epoch"], test_acc=test["acc"], test_top5=test["top5"],
-        test_loss=test["loss"], test_macro_f1=test["macro_f1"], test_f1=test["f1"],
-        confusion=test["confusion"], history=history,
+        best_epoch=best["epoch"], **as_test_metrics(test), history=history,
         images_per_sec=images / train_seconds if train_seconds else 0.0,
         peak_memory_mb=peak_memory_mb(rt.device), device=str(rt.device),
         amp=str(rt.amp_dtype).removeprefix("torch.") if rt.amp_dtype else "off",
@@ -202,10 +200,6 @@ def _seed_epoch(seed: int, epoch: int, device: torch.device) -> tuple[torch.Gene
     shuffle = torch.Generator().manual_seed(epoch_seed)
     augment = torch.Generator(device=device).manual_seed(epoch_seed + 1)
     return shuffle, augment
-
-
-def _crop_pad(cfg: TrainConfig, data: ImageData) -> int:
-    return data.image_size // 8 if cfg.crop_pad < 0 else cfg.crop_pad
 
 
 def _data_facts(data: ImageData) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from trainer import checkpoint
-from trainer.augment import eval_transform
+from trainer.augment import eval_transform, mean_std_tensors
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import load_data
 from trainer.device import resolve_runtime
@@ -352,7 +352,7 @@ def test_nan_loss_diverges_at_its_step(step: int, epoch: int) -> None:
 def _digits_batch(n: int = 32) -> tuple[Tensor, Tensor]:
     data = load_data(FAST, CPU)
     x, y = next(data.train_batches(n, torch.Generator().manual_seed(0)))
-    mean, std = torch.tensor(data.mean), torch.tensor(data.std)
+    mean, std = mean_std_tensors(data.mean, data.std, CPU)
     return eval_transform(x, mean=mean, std=std), y
 
 
