@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -102,17 +103,19 @@ def compare(bundle: Bundle, runtime: str, model: bytes, images: Tensor) -> dict[
     from trainer.predict import Predictor
 
     reference = Predictor(bundle, "torch")
+    run: Callable[[Tensor], Tensor]  # images -> probabilities, from the exported file
     if runtime == "onnx":
-        other = Predictor(bundle, "onnx", onnx_model=model)
-        run = other.probabilities
+        run = Predictor(bundle, "onnx", onnx_model=model).probabilities
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
             loaded = torch.jit.load(io.BytesIO(model))
 
-        def run(x: Tensor) -> Tensor:
+        def run_torchscript(x: Tensor) -> Tensor:
             with torch.inference_mode():
                 return loaded(to_input(x)).exp()
+
+        run = run_torchscript
 
     worst, agree = 0.0, 0
     for start in range(0, len(images), _BATCH):

@@ -82,7 +82,8 @@ class StepRunner:
                     with torch.no_grad():
                         teacher_logits = self.teacher(xb)
             share = len(yb) / total
-            hard_share = share if weight_total is None else weight[yb].sum() / weight_total
+            hard_share = (share if weight is None or weight_total is None
+                          else weight[yb].sum() / weight_total)
             hard = hard_loss(logits, yb, label_smoothing=self.cfg.label_smoothing, weight=weight)
             loss = (1.0 - alpha) * hard_share * hard
             if teacher_logits is not None:
