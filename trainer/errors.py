@@ -16,7 +16,10 @@ class TrainError(RuntimeError):
 
 
 class Diverged(TrainError):
-    """The loss became NaN or infinite; raised at the step it happened, not at epoch end."""
+    """The loss became NaN or infinite. `epoch`, `step` (counted over the run, from 0) and
+    `loss` are of the first such step. It is raised within `trainer.step.FINITE_CHECK_STEPS`
+    steps of it (the host reads the loss that often, not at every step), and always before that
+    epoch is evaluated, reported or checkpointed, or the run is stopped (Interrupted)."""
 
     def __init__(self, epoch: int, step: int, loss: float) -> None:
         super().__init__(f"loss is {loss} at epoch {epoch}, step {step}: training diverged")

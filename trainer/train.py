@@ -28,7 +28,7 @@ from trainer.models import build_model, train_mode
 from trainer.optim import make_optimizer, set_lr
 from trainer.saved_model import load_model
 from trainer.schedule import lr_at, peak_lr
-from trainer.step import StepRunner
+from trainer.step import FINITE_CHECK_STEPS, StepRunner
 
 # Fields that may differ between a run and the checkpoint it resumes: they change where or how
 # fast the run happens, not what it computes.
@@ -114,7 +114,11 @@ def train(
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             loss_sum += runner.step(inputs, y, epoch=epoch + 1, step=step) * len(y)
             seen += len(y)
+            # Diverged before the epoch can be evaluated, reported or checkpointed.
+            if (step + 1) % FINITE_CHECK_STEPS == 0 or i + 1 == steps_per_epoch:
+                runner.check_finite()
             if stop is not None and stop.is_set():
+                runner.check_finite()  # a diverged run is not handed back to be resumed
                 # `epoch` epochs are complete, but only a checkpoint_dir holds them.
                 ckpts.flush()
                 raise Interrupted(epoch if ckpt_dir else 0)

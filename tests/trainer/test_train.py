@@ -31,7 +31,7 @@ from trainer.models import build_model, is_head
 from trainer.optim import make_optimizer, set_lr
 from trainer.saved_model import load_model
 from trainer.schedule import lr_at
-from trainer.step import StepRunner
+from trainer.step import FINITE_CHECK_STEPS, StepRunner
 from trainer.train import Result, train
 
 # resnet20 at a quarter width: ~17k parameters; 5 epochs of batch 32 reach ~95% on digits.
@@ -329,21 +329,41 @@ def test_oom_even_at_one_image_is_out_of_memory() -> None:
 
 
 @pytest.mark.parametrize(("step", "epoch"), [(3, 1), (20, 2)])
-def test_nan_loss_diverges_at_its_step(step: int, epoch: int) -> None:
+def test_nan_loss_diverges_naming_its_step(step: int, epoch: int, tmp_path: Path) -> None:
     # Batches of 64 give 17 steps per epoch: step 20 is the fourth step of epoch 2.
+    steps_per_epoch = 17
     reports: list[int] = []
     steps_done: list[tuple[int, int]] = []
     with pytest.raises(Diverged) as caught:
         train(
-            cfg(fault=f"nan@{step}", batch_size=64, epochs=3),
+            cfg(fault=f"nan@{step}", batch_size=64, epochs=3, checkpoint_dir=str(tmp_path),
+                checkpoint_seconds=0.0),
             report=lambda e, _: reports.append(e),
             progress=lambda e, s, n: steps_done.append((e, s)),
         )
     assert caught.value.step == step
     assert caught.value.epoch == epoch
     assert caught.value.loss != caught.value.loss  # NaN
-    assert len(steps_done) == step  # steps 0 .. step-1 finished; nothing ran after the NaN
+    # The host reads the loss every FINITE_CHECK_STEPS steps and at each epoch's last step, not
+    # at every step: the run ends at the first such step from the NaN on, before its progress
+    # call, and the diverged epoch is never reported or checkpointed.
+    checked = next(s for s in range(step, 10**6)
+                   if (s + 1) % FINITE_CHECK_STEPS == 0 or (s + 1) % steps_per_epoch == 0)
+    assert checked - step < FINITE_CHECK_STEPS
+    assert len(steps_done) == checked
     assert reports == list(range(1, epoch))
+    last = tmp_path / checkpoint.LAST
+    assert (checkpoint.load(last)["epoch"] if last.exists() else 0) == epoch - 1
+
+
+def test_a_stop_after_a_nan_is_diverged_not_interrupted() -> None:
+    """Stopped before the next check, the run still reports its divergence: an Interrupted
+    trial would be handed back and resumed, only to diverge again."""
+    stop = threading.Event()
+    with pytest.raises(Diverged) as caught:
+        train(cfg(fault="nan@3", batch_size=64, epochs=1), stop=stop,
+              progress=lambda e, s, n: stop.set() if s == 5 else None)
+    assert caught.value.step == 3
 
 
 # --- one step: accumulation, micro-batching, distillation ------------------------------------
