@@ -7,14 +7,11 @@ only from the `generator` passed in, so a seeded generator reproduces a batch ex
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from trainer.data import ImageData
 
 
 def resolve_pad(crop_pad: int, image_size: int) -> int:
@@ -22,11 +19,13 @@ def resolve_pad(crop_pad: int, image_size: int) -> int:
     return image_size // 8 if crop_pad < 0 else crop_pad
 
 
-def mean_std_tensors(data: ImageData, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The dataset's per-channel mean and std as float32 (C,) tensors on `device`."""
-    mean = torch.tensor(data.mean, dtype=torch.float32, device=device)
-    std = torch.tensor(data.std, dtype=torch.float32, device=device)
-    return mean, std
+def mean_std_tensors(
+    mean: Sequence[float], std: Sequence[float], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std (a dataset's, or a checkpoint's data facts) as float32 (C,)
+    tensors on `device`, as `eval_transform` and `train_transform` take them."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device),
+            torch.tensor(std, dtype=torch.float32, device=device))
 
 
 def eval_transform(x: Tensor, *, mean: Tensor, std: Tensor) -> Tensor:

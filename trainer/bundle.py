@@ -31,6 +31,11 @@ ENSEMBLE = "ensemble"
 class ServingModule(nn.Module):
     """Members' softmax averaged; input in [0, 1], output log-probabilities (N, classes)."""
 
+    # (members, 1, C, 1, 1) buffers, declared for the type checker: register_buffer sets them,
+    # and nn.Module's __getattr__ is typed Tensor | Module.
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, models: list[nn.Module], means: list[list[float]],
                  stds: list[list[float]], image_size: int) -> None:
         super().__init__()

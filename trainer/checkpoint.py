@@ -7,34 +7,25 @@ distillation teacher). `EpochCheckpoints` decides when they are written.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainer.config import ConfigError
+from trainer.contract import BEST, LAST
+from trainer.errors import ConfigError
+from trainer.files import write_atomic_with
+
+__all__ = ["BEST", "FORMAT", "LAST", "EpochCheckpoints", "host_copy", "load", "save"]
 
 FORMAT = 1
-LAST = "last.pt"
-BEST = "best.pt"
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically (`files.write_atomic_with`): a crash never leaves half a file, and the
+    file gets the mode the umask gives any new file."""
+    write_atomic_with(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
 
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -13,6 +13,9 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any
 
+from trainer.contract import METRIC_DIRECTIONS
+from trainer.errors import ConfigError
+
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 IMAGENET_DEPTHS = (18, 34, 50, 101, 152)
 MODELS = tuple(f"resnet{d}" for d in CIFAR_DEPTHS + IMAGENET_DEPTHS)
@@ -23,10 +26,6 @@ LOADERS = ("auto", "memory", "stream")
 
 
 DATASETS = ("digits", "cifar10", "cifar100", "synthetic", "digits-hard", "synthetic-hard")
-
-
-class ConfigError(ValueError):
-    """A config field is unknown or holds a bad value; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,11 @@ class TrainConfig:
     label_smoothing: float = 0.0
     class_weights: str = "none"  # none | balanced (inverse class frequency of the train split)
     grad_clip: float = 0.0  # max global gradient norm, 0 = off
+    # The epoch whose weights are kept (best.pt, the test metrics, Result's val_*): the best by
+    # this validation metric, in its direction (contract.METRIC_DIRECTIONS); a tie keeps the
+    # earlier epoch. A search sets it to its own metric, so the weights it keeps are the ones
+    # its objective scored.
+    best_metric: str = "val_acc"  # val_acc | val_top5 | val_loss
 
     # --- distillation ---
     teacher: str = ""  # path to a checkpoint written by this trainer (best.pt), "" = off
@@ -102,6 +106,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "amp": AMP_MODES,
     "class_weights": CLASS_WEIGHTS,
     "loader": LOADERS,
+    "best_metric": tuple(METRIC_DIRECTIONS),
 }
 # (low, high, low inclusive, high inclusive) for numeric fields that have a legal range.
 _RANGES: dict[str, tuple[float, float, bool, bool]] = {

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from trainer.config import ConfigError
-
-
-class NoFreeDevice(ConfigError):
-    """Every GPU is claimed by another worker on this host."""
+from trainer.errors import ConfigError, NoFreeDevice
 
 
 @dataclass(frozen=True)
@@ -69,6 +67,14 @@ def resolve_runtime(device_name: str, amp: str) -> Runtime:
         use_scaler=dtype is torch.float16,
         channels_last=cuda,
     )
+
+
+def autocast(rt: Runtime) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision as `rt` chose it, for the forward passes of training and evaluation;
+    a no-op context in full fp32."""
+    if rt.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=rt.device.type, dtype=rt.amp_dtype)
 
 
 def peak_memory_mb(device: torch.device) -> float:

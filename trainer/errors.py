@@ -1,8 +1,14 @@
-"""Typed failures of a training run, so a caller can tell a bad region from a broken run."""
+"""Typed failures of a training run, so a caller can tell a bad region from a broken run.
+
+Torch-free and importing nothing of the trainer, so `trainer.config` and `trainer.contract` can
+take their errors from here without a cycle.
+"""
 
 from __future__ import annotations
 
-from trainer.config import ConfigError
+
+class ConfigError(ValueError):
+    """A config field is unknown or holds a bad value; the message names the field."""
 
 
 class TrainError(RuntimeError):
@@ -10,7 +16,10 @@ class TrainError(RuntimeError):
 
 
 class Diverged(TrainError):
-    """The loss became NaN or infinite; raised at the step it happened, not at epoch end."""
+    """The loss became NaN or infinite. `epoch`, `step` (counted over the run, from 0) and
+    `loss` are of the first such step. It is raised within `trainer.step.FINITE_CHECK_STEPS`
+    steps of it (the host reads the loss that often, not at every step), and always before that
+    epoch is evaluated, reported or checkpointed, or the run is stopped (Interrupted)."""
 
     def __init__(self, epoch: int, step: int, loss: float) -> None:
         super().__init__(f"loss is {loss} at epoch {epoch}, step {step}: training diverged")
@@ -40,3 +49,7 @@ class DataUnavailable(ConfigError):
     share), no class folders or images in it, CIFAR's files missing. A user error for
     `python -m trainer`; for a worker, a reason to hand its trial back and stop, since another
     machine may read the data."""
+
+
+class NoFreeDevice(ConfigError):
+    """Every GPU is claimed by another worker on this host."""

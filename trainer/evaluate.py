@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -11,7 +10,7 @@ from torch import Tensor, nn
 
 from trainer.augment import eval_transform
 from trainer.data import ImageData
-from trainer.device import Runtime
+from trainer.device import Runtime, autocast
 from trainer.losses import topk_correct
 
 
@@ -58,6 +57,14 @@ def evaluate(
     return out
 
 
+def as_test_metrics(test: dict[str, Any]) -> dict[str, Any]:
+    """`evaluate(..., confusion=True)` of the test split under the names `Result` gives them."""
+    return {
+        "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
+        "test_macro_f1": test["macro_f1"], "test_f1": test["f1"], "confusion": test["confusion"],
+    }
+
+
 def per_class_f1(confusion: Tensor) -> list[float]:
     """F1 of each class from a confusion matrix (rows: true class, columns: predicted)."""
     tp = confusion.diag().double()
@@ -66,9 +73,3 @@ def per_class_f1(confusion: Tensor) -> list[float]:
     denom = predicted + actual
     f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
     return f1.tolist()
-
-
-def autocast(rt: Runtime) -> contextlib.AbstractContextManager[Any]:
-    if rt.amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=rt.device.type, dtype=rt.amp_dtype)

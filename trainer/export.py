@@ -11,10 +11,12 @@ from typing import Any
 import torch
 
 from trainer import checkpoint
+from trainer.augment import mean_std_tensors
 from trainer.config import with_overrides
 from trainer.data import load_data
 from trainer.device import resolve_runtime
-from trainer.evaluate import evaluate
+from trainer.evaluate import as_test_metrics, evaluate
+from trainer.files import write_atomic, write_atomic_with
 from trainer.saved_model import load_model, saved_config
 
 
@@ -29,14 +31,13 @@ def export_model(best: str | Path, out: str | Path, extra: dict[str, Any] | None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     target = out / checkpoint.BEST
-    # Exporting into the checkpoint_dir itself only adds config.json; copyfile would refuse.
+    # Exporting into the checkpoint_dir itself only adds config.json.
     if not (target.exists() and target.samefile(best)):
-        shutil.copyfile(best, target)
+        with best.open("rb") as source:
+            write_atomic_with(target, lambda f: shutil.copyfileobj(source, f))
     config = {k: v for k, v in payload["config"].items() if k not in ("checkpoint_dir", "fault")}
-    (out / "config.json").write_text(
-        json.dumps({"config": config, "metrics": payload["metrics"], **(extra or {})}, indent=2)
-        + "\n"
-    )
+    info = {"config": config, "metrics": payload["metrics"], **(extra or {})}
+    write_atomic(out / "config.json", (json.dumps(info, indent=2) + "\n").encode())
     return out
 
 
@@ -50,15 +51,11 @@ def evaluate_saved(path: str | Path, device: str = "auto") -> dict[str, Any]:
     cfg = with_overrides(saved_config(payload), {"device": device})
     rt = resolve_runtime(device, cfg.amp)
     data = load_data(cfg, rt.device)
-    mean = torch.tensor(payload["data"]["mean"], device=rt.device)
-    std = torch.tensor(payload["data"]["std"], device=rt.device)
+    # The model's own normalisation, as it was trained: the checkpoint's, not a recomputation.
+    mean, std = mean_std_tensors(payload["data"]["mean"], payload["data"]["std"], rt.device)
     test = evaluate(model, data, "test", rt, batch_size=cfg.eval_batch_size, mean=mean, std=std,
                     confusion=True)
-    return {
-        "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
-        "test_macro_f1": test["macro_f1"], "test_f1": test["f1"], "confusion": test["confusion"],
-        "checkpoint": str(path),
-    }
+    return {**as_test_metrics(test), "checkpoint": str(path)}
 
 
 def _is_ensemble(folder: Path) -> bool:
@@ -73,7 +70,7 @@ def export_bundle(bests: list[Path], out: str | Path, members: list[dict[str, An
     portable `formats` (trainer.portable). Everything is loaded and checked before anything is
     written. Returns the folder and the portable checks."""
     from trainer.bundle import CONFIG, ENSEMBLE, from_checkpoints
-    from trainer.portable import portable_files, write_atomic
+    from trainer.portable import portable_files
 
     bundle = from_checkpoints(bests, members)  # refuses members of different data
     cfg = saved_config(checkpoint.load(bests[0]))
@@ -112,8 +109,6 @@ def evaluate_ensemble(path: str | Path, device: str = "auto") -> dict[str, Any]:
     test = evaluate(bundle.module.to(rt.device), data, "test", rt,
                     batch_size=cfg.eval_batch_size, mean=zeros, std=ones, confusion=True)
     return {
-        "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
-        "test_macro_f1": test["macro_f1"], "test_f1": test["f1"], "confusion": test["confusion"],
-        "members": len(bundle.members), "checkpoint": str(path),
+        **as_test_metrics(test), "members": len(bundle.members), "checkpoint": str(path),
         "single_best": evaluate_saved(first, device),
     }

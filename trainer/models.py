@@ -102,7 +102,8 @@ def _architecture(cfg: TrainConfig, depth: int, num_classes: int, in_channels: i
     if cfg.se:
         add_squeeze_excite(model, cfg.se_reduction)
     if cfg.dropout > 0:
-        model.fc = nn.Sequential(nn.Dropout(cfg.dropout), model.fc)
+        # get_submodule, not `model.fc`: nn.Module's __getattr__ is typed Tensor | Module.
+        model.fc = nn.Sequential(nn.Dropout(cfg.dropout), model.get_submodule(HEAD))
     return model
 
 
@@ -134,7 +135,7 @@ def model_stages(model: nn.Module) -> list[nn.Module]:
     """(stem, layer1, layer2, ...) in forward order. The stem is a Sequential view of conv1 and
     bn1, made on each call and sharing the model's modules."""
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-    stem = nn.Sequential(model.conv1, model.bn1)
+    stem = nn.Sequential(model.get_submodule("conv1"), model.get_submodule("bn1"))
     layers = []
     i = 1
     while hasattr(model, f"layer{i}"):

@@ -13,9 +13,8 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import warnings
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -104,17 +103,19 @@ def compare(bundle: Bundle, runtime: str, model: bytes, images: Tensor) -> dict[
     from trainer.predict import Predictor
 
     reference = Predictor(bundle, "torch")
+    run: Callable[[Tensor], Tensor]  # images -> probabilities, from the exported file
     if runtime == "onnx":
-        other = Predictor(bundle, "onnx", onnx_model=model)
-        run = other.probabilities
+        run = Predictor(bundle, "onnx", onnx_model=model).probabilities
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
             loaded = torch.jit.load(io.BytesIO(model))
 
-        def run(x: Tensor) -> Tensor:
+        def run_torchscript(x: Tensor) -> Tensor:
             with torch.inference_mode():
                 return loaded(to_input(x)).exp()
+
+        run = run_torchscript
 
     worst, agree = 0.0, 0
     for start in range(0, len(images), _BATCH):
@@ -145,15 +146,3 @@ def portable_files(bundle: Bundle, cfg: TrainConfig, formats: list[str]
         files[FILES[name]], checks[name] = model, {"file": FILES[name], **check}
     return files, checks
 
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

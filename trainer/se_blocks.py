@@ -64,7 +64,9 @@ def add_squeeze_excite(model: nn.Module, reduction: int) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, SEBasicBlock | SEBottleneck):
-            channels = last_bn(module).num_features
+            bn = last_bn(module)
+            assert bn is not None  # an SE block is a BasicBlock or a Bottleneck
+            channels = bn.num_features
             module.se = SqueezeExcitation(channels, max(1, channels // reduction))
             count += 1
     return count

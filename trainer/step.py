@@ -5,20 +5,27 @@ The effective batch never changes: each micro-batch's loss is weighted by its sh
 which a weighted mean normalises by total weight, not image count), and the gradients summed, so
 a step on 4 x 32 images equals a step on 128 images up to float rounding and BatchNorm's
 per-micro-batch statistics.
+
+No step waits for the device: the loss stays there, and so does the record of the first step
+whose loss was not finite. The host reads that record (one sync) only in `check_finite`, which
+the loop calls every `FINITE_CHECK_STEPS` steps and at each epoch's last step.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor, nn
 
 from trainer.config import TrainConfig, fault_of
-from trainer.device import Runtime, release_memory
+from trainer.device import Runtime, autocast, release_memory
 from trainer.errors import Diverged, OutOfMemory
-from trainer.evaluate import autocast
 from trainer.losses import hard_loss, soft_loss
+
+# How often the host looks for a non-finite loss. Reading a device value waits for every queued
+# kernel, so a read per step leaves the GPU idle while the next step is launched; one read in 16
+# steps keeps the queue full, and a divergence costs at most 15 wasted steps (whose NaN weights
+# are never evaluated, reported or checkpointed).
+FINITE_CHECK_STEPS = 16
 
 
 class StepRunner:
@@ -37,9 +44,16 @@ class StepRunner:
         self.micro_batch = cfg.batch_size // cfg.accum_steps  # shrinks for good after an OOM
         self.fault = fault_of(cfg)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        # The first non-finite loss and its (epoch, step), on the device; step -1: none yet.
+        device = rt.device
+        self._bad_epoch = torch.full((), -1, dtype=torch.long, device=device)
+        self._bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self._bad_loss = torch.zeros((), device=device)
 
     def step(self, x: Tensor, y: Tensor, *, epoch: int, step: int) -> Tensor:
-        """Train on one batch; returns its mean loss (a device tensor, already checked finite)."""
+        """Train on one batch; returns its mean loss, a device tensor not yet read by the host.
+        A non-finite loss is recorded for `check_finite`; its update is still applied (with
+        NaN gradients: the run is over at the next check)."""
         while True:
             try:
                 loss = self._accumulate(x, y, step)
@@ -54,16 +68,24 @@ class StepRunner:
                 if self.micro_batch == 1:
                     raise OutOfMemory(self.cfg.batch_size, detail) from None
                 self.micro_batch = max(1, self.micro_batch // 2)
-        value = loss.item()
-        if not math.isfinite(value):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise Diverged(epoch, step, value)
+        first = torch.logical_and(self._bad_step < 0, ~torch.isfinite(loss))
+        self._bad_epoch = torch.where(first, epoch, self._bad_epoch)
+        self._bad_step = torch.where(first, step, self._bad_step)
+        self._bad_loss = torch.where(first, loss, self._bad_loss)
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss
+
+    def check_finite(self) -> None:
+        """Raise `Diverged` for the first step since the run began whose loss was NaN or
+        infinite. Waits for the device: call it every FINITE_CHECK_STEPS steps, not each step."""
+        step = int(self._bad_step)
+        if step >= 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise Diverged(int(self._bad_epoch), step, float(self._bad_loss))
 
     def _accumulate(self, x: Tensor, y: Tensor, step: int) -> Tensor:
         """Backward of `kd_loss` over the whole batch, one micro-batch at a time; returns it."""
@@ -83,7 +105,8 @@ class StepRunner:
                     with torch.no_grad():
                         teacher_logits = self.teacher(xb)
             share = len(yb) / total
-            hard_share = share if weight_total is None else weight[yb].sum() / weight_total
+            hard_share = (share if weight is None or weight_total is None
+                          else weight[yb].sum() / weight_total)
             hard = hard_loss(logits, yb, label_smoothing=self.cfg.label_smoothing, weight=weight)
             loss = (1.0 - alpha) * hard_share * hard
             if teacher_logits is not None:

@@ -10,29 +10,25 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from trainer import checkpoint
-from trainer.augment import train_transform
+from trainer.augment import mean_std_tensors, resolve_pad, train_transform
 from trainer.config import ConfigError, TrainConfig, check
+from trainer.contract import Progress, Report, Result, is_better
 from trainer.data import ImageData, load_data
 from trainer.device import peak_memory_mb, resolve_runtime
 from trainer.errors import Interrupted
-from trainer.evaluate import evaluate
+from trainer.evaluate import as_test_metrics, evaluate
 from trainer.losses import balanced_weights
 from trainer.models import build_model, train_mode
 from trainer.optim import make_optimizer, set_lr
 from trainer.saved_model import load_model
 from trainer.schedule import lr_at, peak_lr
-from trainer.step import StepRunner
-
-Report = Callable[[int, dict[str, Any]], None]
-Progress = Callable[[int, int, int], None]  # (epoch, step in epoch, steps per epoch)
+from trainer.step import FINITE_CHECK_STEPS, StepRunner
 
 # Fields that may differ between a run and the checkpoint it resumes: they change where or how
 # fast the run happens, not what it computes.
@@ -40,31 +36,6 @@ _RESUMABLE_DIFFERENCES = frozenset(
     {"device", "checkpoint_dir", "resume", "num_workers", "eval_batch_size", "fault", "download",
      "checkpoint_seconds"}
 )
-
-
-@dataclass
-class Result:
-    val_acc: float  # of the best epoch (the one whose weights are kept and tested)
-    val_top5: float
-    val_loss: float
-    best_epoch: int
-    test_acc: float
-    test_top5: float
-    test_loss: float
-    test_macro_f1: float
-    test_f1: list[float]
-    confusion: list[list[int]]
-    history: list[dict[str, Any]]  # one dict of metrics per epoch, resumed epochs included
-    images_per_sec: float  # training throughput of the epochs this call ran
-    peak_memory_mb: float
-    device: str
-    amp: str
-    checkpoint: str  # best.pt, or "" without a checkpoint_dir
-    data: dict[str, Any] = field(default_factory=dict)  # the recorded split
-    config: dict[str, Any] = field(default_factory=dict)
-
-    def metrics(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def train(
@@ -100,13 +71,13 @@ def train(
         cfg.class_weights == "balanced"
     ) else None
     runner = StepRunner(cfg, rt, model, optimizer, scaler, teacher, weight)
-    mean = torch.tensor(data.mean, device=rt.device)
-    std = torch.tensor(data.std, device=rt.device)
+    mean, std = mean_std_tensors(data.mean, data.std, rt.device)
 
     steps_per_epoch = data.steps_per_epoch(cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     peak = peak_lr(cfg.lr, cfg.batch_size, cfg.lr_per_256)
+    pad = resolve_pad(cfg.crop_pad, data.image_size)
     facts = _data_facts(data)
 
     history: list[dict[str, Any]] = []
@@ -136,14 +107,18 @@ def train(
                        floor=cfg.lr_floor * peak)
             set_lr(optimizer, lr)
             inputs = train_transform(
-                x, pad=_crop_pad(cfg, data), flip=cfg.hflip and data.flip_safe,
+                x, pad=pad, flip=cfg.hflip and data.flip_safe,
                 jitter=cfg.jitter, mean=mean, std=std, generator=augment_gen,
             )
             if rt.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             loss_sum += runner.step(inputs, y, epoch=epoch + 1, step=step) * len(y)
             seen += len(y)
+            # Diverged before the epoch can be evaluated, reported or checkpointed.
+            if (step + 1) % FINITE_CHECK_STEPS == 0 or i + 1 == steps_per_epoch:
+                runner.check_finite()
             if stop is not None and stop.is_set():
+                runner.check_finite()  # a diverged run is not handed back to be resumed
                 # `epoch` epochs are complete, but only a checkpoint_dir holds them.
                 ckpts.flush()
                 raise Interrupted(epoch if ckpt_dir else 0)
@@ -170,7 +145,8 @@ def train(
             "micro_batch": runner.micro_batch,
         }
         history.append(metrics)
-        improved = best is None or metrics["val_acc"] > best["val_acc"]
+        key = cfg.best_metric
+        improved = best is None or is_better(key, metrics[key], best[key])
         if improved:
             best = metrics
         ckpts.epoch({
@@ -197,9 +173,7 @@ def train(
                     confusion=True)
     return Result(
         val_acc=best["val_acc"], val_top5=best["val_top5"], val_loss=best["val_loss"],
-        best_epoch=best["epoch"], test_acc=test["acc"], test_top5=test["top5"],
-        test_loss=test["loss"], test_macro_f1=test["macro_f1"], test_f1=test["f1"],
-        confusion=test["confusion"], history=history,
+        best_epoch=best["epoch"], **as_test_metrics(test), history=history,
         images_per_sec=images / train_seconds if train_seconds else 0.0,
         peak_memory_mb=peak_memory_mb(rt.device), device=str(rt.device),
         amp=str(rt.amp_dtype).removeprefix("torch.") if rt.amp_dtype else "off",
@@ -232,10 +206,6 @@ def _seed_epoch(seed: int, epoch: int, device: torch.device) -> tuple[torch.Gene
     return shuffle, augment
 
 
-def _crop_pad(cfg: TrainConfig, data: ImageData) -> int:
-    return data.image_size // 8 if cfg.crop_pad < 0 else cfg.crop_pad
-
-
 def _data_facts(data: ImageData) -> dict[str, Any]:
     """What a saved model needs to be rebuilt and fed: shapes, classes and normalisation."""
     return {
@@ -247,6 +217,9 @@ def _data_facts(data: ImageData) -> dict[str, Any]:
 
 def _check_resumable(cfg: TrainConfig, saved: dict[str, Any], where: Path) -> None:
     current = cfg.to_dict()
+    # A field the checkpoint lacks was added since it was written: it ran with the default then
+    # (e.g. best_metric, before which the best epoch was always the best val_acc).
+    saved = {**TrainConfig().to_dict(), **saved}
     differing = sorted(
         k for k in current if k not in _RESUMABLE_DIFFERENCES and saved.get(k) != current[k]
     )

@@ -115,7 +115,7 @@ def test_resolve_pad(crop_pad: int, image_size: int, pad: int) -> None:
 def test_mean_std_tensors_of_a_dataset() -> None:
     clear_cache()
     data = load_data(TrainConfig(dataset="digits"), torch.device("cpu"))
-    mean, std = mean_std_tensors(data, torch.device("cpu"))
+    mean, std = mean_std_tensors(data.mean, data.std, torch.device("cpu"))
     assert mean.shape == std.shape == (1,) and mean.dtype == torch.float32
     x, _ = next(data.eval_batches("train", 10**6))
     assert abs(float(eval_transform(x, mean=mean, std=std).mean())) < 1e-4

@@ -87,7 +87,8 @@ def test_config_file_is_read_and_flags_override_it(
     tmp_path: Path, suffix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / f"cfg{suffix}"
-    args = ("--config", str(path), "--epochs", "1", "--seed", "4", "--json")
+    args = ("--config", str(path), "--epochs", "1", "--seed", "4", "--best-metric", "val_loss",
+            "--json")
     if suffix == ".toml":
         path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in CONFIG_FIELDS.items()))
         metrics = last_json(run(*args, cwd=tmp_path))
@@ -96,6 +97,7 @@ def test_config_file_is_read_and_flags_override_it(
         metrics = last_json(run_here(*args, capsys=capsys))
     config = metrics["config"]
     assert (config["epochs"], config["seed"]) == (1, 4)  # the flags win
+    assert config["best_metric"] == "val_loss"
     assert (config["lr"], config["width"], config["label_smoothing"]) == (0.2, 0.25, 0.05)
     assert len(metrics["history"]) == 1
 
@@ -130,6 +132,8 @@ BAD_INPUT = {
     "missing file": (lambda d: ["--config", "absent.toml"], ["absent.toml"]),
     "unknown model": (lambda d: [*SMALL, "--model", "resnet7"], ["model", "resnet7"]),
     "flag out of range": (lambda d: ["--epochs", "0"], ["epochs"]),
+    "not a validation metric": (lambda d: ["--best-metric", "test_acc"],
+                                ["best_metric", "test_acc", "val_loss"]),
     "nothing to evaluate": (lambda d: ["--evaluate", str(d)], ["best.pt", "does not exist"]),
 }
 # Every case but the last fails before torch is imported, so a subprocess costs little; the

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from trainer import checkpoint
-from trainer.augment import eval_transform
+from trainer.augment import eval_transform, mean_std_tensors
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import load_data
 from trainer.device import resolve_runtime
@@ -31,7 +31,7 @@ from trainer.models import build_model, is_head
 from trainer.optim import make_optimizer, set_lr
 from trainer.saved_model import load_model
 from trainer.schedule import lr_at
-from trainer.step import StepRunner
+from trainer.step import FINITE_CHECK_STEPS, StepRunner
 from trainer.train import Result, train
 
 # resnet20 at a quarter width: ~17k parameters; 5 epochs of batch 32 reach ~95% on digits.
@@ -126,6 +126,38 @@ def test_zero_backbone_rate_trains_only_the_head(tmp_path: Path) -> None:
 def test_nesterov_without_momentum_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="momentum"):
         train(cfg(optimizer="nesterov", momentum=0.0))
+
+
+# --- the epoch kept --------------------------------------------------------------------------
+
+# A constant, high rate (lr_floor = 1: no decay) on digits: epoch 3 has the best val_acc and
+# epoch 4 the lowest val_loss, so the two metrics keep different epochs.
+NOISY = cfg(epochs=4, lr=0.4, lr_floor=1.0, warmup_epochs=0.0)
+
+
+def test_the_kept_epoch_is_the_best_by_best_metric_in_its_direction(tmp_path: Path) -> None:
+    by_acc = train(replace(NOISY, checkpoint_dir=str(tmp_path / "acc")))
+    by_loss = train(replace(NOISY, best_metric="val_loss", checkpoint_dir=str(tmp_path / "loss")))
+    assert curve(by_acc) == curve(by_loss)  # the metric picks an epoch; it changes no training
+    history = by_acc.history
+    accs, losses = [h["val_acc"] for h in history], [h["val_loss"] for h in history]
+    # The first of equal values: a tie keeps the earlier epoch.
+    assert by_acc.best_epoch == accs.index(max(accs)) + 1
+    assert by_loss.best_epoch == losses.index(min(losses)) + 1
+    assert by_acc.best_epoch != by_loss.best_epoch  # else this config could not tell them apart
+    for result in (by_acc, by_loss):
+        kept = result.history[result.best_epoch - 1]
+        assert (result.val_acc, result.val_loss, result.val_top5) == (
+            kept["val_acc"], kept["val_loss"], kept["val_top5"])
+        best = checkpoint.load(result.checkpoint)
+        assert best["epoch"] == result.best_epoch and best["metrics"] == kept
+    # The test metrics are of each run's kept weights, so they differ with the epoch kept.
+    assert by_acc.test_loss != by_loss.test_loss
+
+
+def test_best_metric_is_a_recorded_validation_metric() -> None:
+    with pytest.raises(ConfigError, match="best_metric"):
+        train(cfg(best_metric="test_acc"))
 
 
 # --- resume ----------------------------------------------------------------------------------
@@ -225,7 +257,9 @@ def test_interrupted_without_a_checkpoint_dir_has_no_epoch_to_resume() -> None:
     assert caught.value.last_epoch == 0
 
 
-@pytest.mark.parametrize(("field", "value"), [("lr", 0.05), ("width", 0.5), ("epochs", 4)])
+@pytest.mark.parametrize(("field", "value"), [
+    ("lr", 0.05), ("width", 0.5), ("epochs", 4), ("best_metric", "val_loss"),
+])
 def test_resuming_with_another_config_is_refused_and_changes_nothing(
     uninterrupted: Result, field: str, value: Any
 ) -> None:
@@ -234,6 +268,24 @@ def test_resuming_with_another_config_is_refused_and_changes_nothing(
     with pytest.raises(ConfigError, match=field):
         train(replace(RESUME, checkpoint_dir=str(where), **{field: value}))
     assert {p.name: p.read_bytes() for p in where.iterdir()} == before
+
+
+def test_a_checkpoint_from_before_best_metric_resumes_as_val_acc(
+    uninterrupted: Result, tmp_path: Path
+) -> None:
+    """Checkpoints written before the field existed lack it: they kept the best val_acc, the
+    default, so a default run resumes them and a run by val_loss is refused."""
+    where = Path(uninterrupted.checkpoint).parent
+    for name in (checkpoint.BEST, checkpoint.LAST):
+        state = checkpoint.load(where / name)
+        del state["config"]["best_metric"]
+        checkpoint.save(tmp_path / name, state)
+    reports: list[int] = []
+    again = train(replace(RESUME, checkpoint_dir=str(tmp_path)),
+                  report=lambda epoch, _: reports.append(epoch))
+    assert reports == [] and curve(again) == curve(uninterrupted)
+    with pytest.raises(ConfigError, match="best_metric"):
+        train(replace(RESUME, checkpoint_dir=str(tmp_path), best_metric="val_loss"))
 
 
 def test_resuming_a_finished_run_trains_nothing(uninterrupted: Result) -> None:
@@ -277,21 +329,41 @@ def test_oom_even_at_one_image_is_out_of_memory() -> None:
 
 
 @pytest.mark.parametrize(("step", "epoch"), [(3, 1), (20, 2)])
-def test_nan_loss_diverges_at_its_step(step: int, epoch: int) -> None:
+def test_nan_loss_diverges_naming_its_step(step: int, epoch: int, tmp_path: Path) -> None:
     # Batches of 64 give 17 steps per epoch: step 20 is the fourth step of epoch 2.
+    steps_per_epoch = 17
     reports: list[int] = []
     steps_done: list[tuple[int, int]] = []
     with pytest.raises(Diverged) as caught:
         train(
-            cfg(fault=f"nan@{step}", batch_size=64, epochs=3),
+            cfg(fault=f"nan@{step}", batch_size=64, epochs=3, checkpoint_dir=str(tmp_path),
+                checkpoint_seconds=0.0),
             report=lambda e, _: reports.append(e),
             progress=lambda e, s, n: steps_done.append((e, s)),
         )
     assert caught.value.step == step
     assert caught.value.epoch == epoch
     assert caught.value.loss != caught.value.loss  # NaN
-    assert len(steps_done) == step  # steps 0 .. step-1 finished; nothing ran after the NaN
+    # The host reads the loss every FINITE_CHECK_STEPS steps and at each epoch's last step, not
+    # at every step: the run ends at the first such step from the NaN on, before its progress
+    # call, and the diverged epoch is never reported or checkpointed.
+    checked = next(s for s in range(step, 10**6)
+                   if (s + 1) % FINITE_CHECK_STEPS == 0 or (s + 1) % steps_per_epoch == 0)
+    assert checked - step < FINITE_CHECK_STEPS
+    assert len(steps_done) == checked
     assert reports == list(range(1, epoch))
+    last = tmp_path / checkpoint.LAST
+    assert (checkpoint.load(last)["epoch"] if last.exists() else 0) == epoch - 1
+
+
+def test_a_stop_after_a_nan_is_diverged_not_interrupted() -> None:
+    """Stopped before the next check, the run still reports its divergence: an Interrupted
+    trial would be handed back and resumed, only to diverge again."""
+    stop = threading.Event()
+    with pytest.raises(Diverged) as caught:
+        train(cfg(fault="nan@3", batch_size=64, epochs=1), stop=stop,
+              progress=lambda e, s, n: stop.set() if s == 5 else None)
+    assert caught.value.step == 3
 
 
 # --- one step: accumulation, micro-batching, distillation ------------------------------------
@@ -300,7 +372,7 @@ def test_nan_loss_diverges_at_its_step(step: int, epoch: int) -> None:
 def _digits_batch(n: int = 32) -> tuple[Tensor, Tensor]:
     data = load_data(FAST, CPU)
     x, y = next(data.train_batches(n, torch.Generator().manual_seed(0)))
-    mean, std = torch.tensor(data.mean), torch.tensor(data.std)
+    mean, std = mean_std_tensors(data.mean, data.std, CPU)
     return eval_transform(x, mean=mean, std=std), y
 
 
