@@ -32,11 +32,12 @@ from typing import IO, Any
 
 from optuna.artifacts import FileSystemArtifactStore
 
+from trainer.contract import BEST, LAST
+
 S3 = "s3://"
-# What a trial's folder holds (trainer.checkpoint's BEST and LAST, spelt out: no torch import).
-# best.pt goes up first, so a last.pt in the bucket never names a best epoch that is not there.
-FILES = ("best.pt", "last.pt")
-LAST = "last.pt"
+# What a trial's folder holds. best.pt goes up first, so a last.pt in the bucket never names a
+# best epoch that is not there.
+FILES = (BEST, LAST)
 POLL_SECONDS = 0.5  # how often a trial's folder is checked for a checkpoint to upload
 DEFAULT_CACHE = "hpo-cache"
 log = logging.getLogger("hpo.artifacts")

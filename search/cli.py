@@ -26,7 +26,7 @@ from search.artifacts import ArtifactsError, open_artifacts
 from search.db import pipeline
 from search.db.storage import StorageError, open_storage, redact, resolve_url
 from search.space.spec import Pipeline, SpaceError, check_data, load_space
-from trainer.config import ConfigError
+from trainer.contract import ConfigError, NoFreeDevice
 
 if TYPE_CHECKING:
     from search.db.winner import Evaluate
@@ -223,9 +223,6 @@ def _worker(args: argparse.Namespace) -> int:
                              artifacts=store, fault=args.fault,
                              **args.trainer)
     except ConfigError as e:
-        # trainer.device imports torch, so its error class is looked up only once an error came.
-        from trainer.device import NoFreeDevice
-
         if not isinstance(e, NoFreeDevice):
             raise
         # More workers than GPUs: this one has nothing to do. Exit 0 so a restart policy does

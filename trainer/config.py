@@ -93,6 +93,9 @@ class TrainConfig:
     checkpoint_seconds: float = 30.0
     resume: bool = True  # continue from checkpoint_dir/last.pt when it is there
     fault: str = ""  # testing aid: "oom>N" fails micro-batches above N; "nan@S" NaN at step S
+    # Evaluate the test split at the end. A search turns it off: its trials record validation
+    # metrics only, and the test split is evaluated once, for the winner.
+    test: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

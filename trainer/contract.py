@@ -64,18 +64,19 @@ Progress = Callable[[int, int, int], None]  # (epoch, step in epoch, steps per e
 @dataclass
 class Result:
     """What `trainer.train.train` returns: the best epoch's validation metrics (best by
-    `TrainConfig.best_metric`), the test metrics of that epoch's weights, and the run's facts."""
+    `TrainConfig.best_metric`), the test metrics of that epoch's weights (None with
+    `TrainConfig.test` off, as in a search, which tests its winner alone), and the run's facts."""
 
     val_acc: float  # of the best epoch (the one whose weights are kept and tested)
     val_top5: float
     val_loss: float
     best_epoch: int
-    test_acc: float
-    test_top5: float
-    test_loss: float
-    test_macro_f1: float
-    test_f1: list[float]
-    confusion: list[list[int]]
+    test_acc: float | None
+    test_top5: float | None
+    test_loss: float | None
+    test_macro_f1: float | None
+    test_f1: list[float] | None
+    confusion: list[list[int]] | None
     history: list[dict[str, Any]]  # one dict of metrics per epoch, resumed epochs included
     images_per_sec: float  # training throughput of the epochs this call ran
     peak_memory_mb: float

@@ -34,7 +34,7 @@ from trainer.step import FINITE_CHECK_STEPS, StepRunner
 # fast the run happens, not what it computes.
 _RESUMABLE_DIFFERENCES = frozenset(
     {"device", "checkpoint_dir", "resume", "num_workers", "eval_batch_size", "fault", "download",
-     "checkpoint_seconds"}
+     "checkpoint_seconds", "test"}
 )
 
 
@@ -169,11 +169,14 @@ def train(
         model.load_state_dict(ckpts.best_model)
     elif ckpt_dir:  # resumed, and no epoch since beat the best one before the interruption
         model.load_state_dict(checkpoint.load(ckpt_dir / checkpoint.BEST, rt.device)["model"])
-    test = evaluate(model, data, "test", rt, batch_size=cfg.eval_batch_size, mean=mean, std=std,
-                    confusion=True)
+    tested = dict.fromkeys(("test_acc", "test_top5", "test_loss", "test_macro_f1", "test_f1",
+                            "confusion"))
+    if cfg.test:
+        tested = as_test_metrics(evaluate(model, data, "test", rt, batch_size=cfg.eval_batch_size,
+                                          mean=mean, std=std, confusion=True))
     return Result(
         val_acc=best["val_acc"], val_top5=best["val_top5"], val_loss=best["val_loss"],
-        best_epoch=best["epoch"], **as_test_metrics(test), history=history,
+        best_epoch=best["epoch"], **tested, history=history,
         images_per_sec=images / train_seconds if train_seconds else 0.0,
         peak_memory_mb=peak_memory_mb(rt.device), device=str(rt.device),
         amp=str(rt.amp_dtype).removeprefix("torch.") if rt.amp_dtype else "off",

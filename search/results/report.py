@@ -9,10 +9,8 @@ database is escaped; plotly escapes what it puts in its JSON itself.
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
-import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +27,7 @@ from search.db import pipeline
 from search.results.best import StageStatus, best, stage_status
 from search.space.spec import Pipeline, Stage
 from trainer.config import ConfigError
+from trainer.files import write_atomic
 
 # Importances and parallel coordinates compare trials: with fewer complete trials, or with every
 # parameter at one value, Optuna either cannot draw them or draws something meaningless.
@@ -58,7 +57,9 @@ def write_report(
     file is touched, and the file appears whole or not at all (temp file + rename)."""
     page = render(storage, name, pipe)
     try:
-        _write_atomic(out, page)
+        if not out.parent.is_dir():  # a typo in --out, not a folder to create
+            raise FileNotFoundError(2, "No such file or directory")
+        write_atomic(out, page.encode("utf-8"))
     except OSError as e:
         raise pipeline.PipelineError(
             f"cannot write the report to {out}: {e.strerror or e}; check the folder exists and"
@@ -257,20 +258,3 @@ def _note(text: str) -> str:
 
 def _esc(text: object) -> str:
     return html.escape(str(text), quote=True)
-
-
-def _write_atomic(out: Path, text: str) -> None:
-    # Same folder as the target, so the rename is atomic; O_EXCL so two writers never share it,
-    # and mode 0o666 so the umask, not tempfile's 0o600, decides who may read the report.
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise

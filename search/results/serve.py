@@ -1,8 +1,9 @@
 """Using a study's winners: `hpo export STUDY [--top K] [--format ...]` and `hpo serve STUDY`.
 
-The top-K complete trials of the whole pipeline, ranked by the pipeline's metric, become one
-export (K = 1: the best model alone, as before; K > 1: an ensemble averaging their softmax) or a
-running prediction service. The model code lives in trainer/ (bundle, portable, serve); this
+The pipeline's winner (K = 1: `search.db.winner`, the confirmed one when a confirmation stage
+ran), or its top-K complete trials ranked by the pipeline's metric (K > 1: an ensemble averaging
+their softmax), become one export or a running prediction service. Exporting the winner reports
+its test metrics, evaluated once for the pipeline and stored. The model code lives in trainer/ (bundle, portable, serve); this
 module only finds the trials and their checkpoints.
 """
 
@@ -16,7 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.artifacts import open_artifacts
-from search.db import pipeline
+from search.db import pipeline, winner
 from search.results.best import best_checkpoint
 from search.space.spec import Pipeline
 
@@ -27,6 +28,13 @@ def top_trials(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline,
     checkpoint. Fewer than k complete trials is an error, not a smaller ensemble."""
     if k < 1:
         raise pipeline.PipelineError(f"--top must be at least 1, not {k}")
+    if k == 1:
+        won = winner.find(storage, name, pipe)
+        if won is None:
+            raise pipeline.PipelineError(f"study {name!r} has no complete trial yet")
+        stage, trial, _ = won
+        return [{"study": name, "stage": stage.name, "trial": trial.number, "value": trial.value,
+                 "checkpoint": trial.user_attrs.get("checkpoint", "")}]
     found = []
     for index, stage in enumerate(pipe.stages):
         study = pipeline.load_stage_study(storage, name, stage)
@@ -66,6 +74,11 @@ def export(storage: optuna.storages.RDBStorage, pipe: Pipeline, args: argparse.N
             else "an ensemble of trials " + ", ".join(f"{m['stage']}#{m['trial']}"
                                                      for m in members))
     print(f"exported {what} to {out}")
+    if args.top == 1:
+        test = winner.test_once(storage, args.study, pipe, open_artifacts(args.artifacts))
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in (test or {}).items()
+                          if k.startswith("test_") and isinstance(v, float))
+        print(f"  test (evaluated once, for the winner): {shown}")
     for name, c in checks.items():
         print(f"  {c['file']}: matches PyTorch on {c['images']} test images (largest probability"
               f" difference {c['max_abs_diff']:.1e}, tolerance {c['tolerance']:.0e}; top-1"

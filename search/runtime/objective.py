@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import optuna
 from optuna.artifacts import upload_artifact
@@ -38,13 +38,8 @@ from search.space.spec import (
     base_config,
 )
 from trainer.config import TrainConfig, with_overrides
-from trainer.errors import Interrupted
+from trainer.contract import Interrupted, Report, Result
 
-if TYPE_CHECKING:
-    from trainer.train import Report, Result
-
-# trainer.checkpoint.LAST, spelt out here: importing the trainer's modules imports torch.
-LAST_CHECKPOINT = "last.pt"
 # A running trial's per-epoch metrics (user attribute "epochs", for the dashboard) are rewritten at
 # most this often, and always when the trial ends: every epoch when epochs take longer, instead of
 # ten writes a second when they are fast.
@@ -154,6 +149,7 @@ def trial_config(trial: optuna.Trial, ctx: TrialContext) -> TrainConfig:
         "device": ctx.device,
         "resume": True,
         "fault": ctx.fault,
+        "test": False,  # the winner alone is tested, once (search.db.winner)
     }
     if overrides.get("teacher"):  # recorded as the store names it; trained from a file here
         overrides["teacher"] = str(ctx.artifacts.local(str(overrides["teacher"])))

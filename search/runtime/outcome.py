@@ -11,7 +11,7 @@ from enum import Enum
 import optuna
 from optuna.trial import TrialState
 
-from trainer.errors import DataUnavailable, Diverged, Interrupted, OutOfMemory
+from trainer.contract import DataUnavailable, Diverged, Interrupted, OutOfMemory
 
 
 class Duplicate(RuntimeError):

@@ -28,6 +28,7 @@ from search.runtime.beat import Beat
 from search.runtime.outcome import Outcome, classify
 from search.runtime.retry import hand_back
 from search.space.spec import Stage
+from trainer.contract import LAST
 
 log = logging.getLogger("hpo.worker")
 POLL_SECONDS = 2.0
@@ -114,7 +115,7 @@ class StageRunner:
             self.beat.watch(None)
         if not outcome.rule.keep_checkpoint:
             # Only a handed-back or re-queued trial resumes; others' optimizer state is dead weight.
-            (objective.checkpoint_dir(self.ctx, trial) / objective.LAST_CHECKPOINT).unlink(
+            (objective.checkpoint_dir(self.ctx, trial) / LAST).unlink(
                 missing_ok=True)
         self.tally.trials_done += 1
         self.beat.note(trials_done=self.tally.trials_done, current="")

@@ -29,6 +29,8 @@ _RESERVED = {
     "teacher": 'the worker fills it in from the stage\'s teacher = "best:<stage>"',
     "dataset": "use the top-level dataset key",
     "epochs": "use the stage's epochs key",
+    "best_metric": "a trial keeps its best epoch by the top-level metric key",
+    "test": "a search tests its winner alone, once; trials record validation metrics",
 }
 # Fixed is fine for these (tests inject faults through a space), searching them is not.
 _NOT_SEARCHABLE = {"fault": "it is a testing aid; fix it in [fixed] if you need it"}

@@ -18,7 +18,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 # SpaceError, the param types and `distribution` are this module's API too (`as`: re-export).
 from search.space.params import CategoricalParam as CategoricalParam
@@ -44,16 +44,17 @@ from search.space.params import (
 from search.space.params import SpaceError as SpaceError
 from search.space.params import distribution as distribution
 from trainer.config import TrainConfig, with_overrides
+from trainer.contract import METRIC_DIRECTIONS, Direction
 from trainer.sources import check_readable
 
 MAX_BYTES = 1 << 20  # a space file is a few KiB; anything near this is a mistake, not a space
-Direction = Literal["maximize", "minimize"]
-METRICS: dict[str, Direction] = {
-    "val_acc": "maximize", "val_top5": "maximize", "val_loss": "minimize"}
+# The metrics a pipeline may optimise, with their direction: the trainer's, which keeps the
+# best epoch by the same metric (`best_metric`, set from the pipeline's metric).
+METRICS: dict[str, Direction] = METRIC_DIRECTIONS
 TOP_KEYS = ("dataset", "metric", "fixed", "stage", "confirm")
 # TrainConfig fields the worker sets for each trial, whatever a space file says: where and how a
 # trial runs, not what it computes (so they are left out of a trial's recorded configuration).
-WORKER_OWNED = ("checkpoint_dir", "device", "resume", "fault")
+WORKER_OWNED = ("checkpoint_dir", "device", "resume", "fault", "test")
 STAGE_KEYS = ("name", "trials", "epochs", "pruner", "sampler", "teacher", "fixed", "params")
 CONFIRM_KEYS = ("top", "seeds", "epochs")
 CONFIRM_STAGE = "confirm"  # the name of the confirmation stage a `confirm` table adds
@@ -184,6 +185,7 @@ def base_config(pipeline: Pipeline, stage: Stage, carried: dict[str, Any]) -> di
         **carried,
         **stage.fixed,
         "epochs": stage.epochs,
+        "best_metric": pipeline.metric,
     }
 
 

@@ -166,7 +166,7 @@ def test_best_prints_the_searched_parameters_by_stage(done: tuple[str, str, Path
     optimizer = next(line for line in lines if line.strip().startswith("optimizer"))
     assert "lr = " in optimizer and "momentum = " in optimizer
     assert any(line.strip().startswith("regularization") for line in lines)
-    assert f"test_acc {info['metrics']['test_acc']:.4f}" in short.stdout
+    assert f"test_acc {info['test']['test_acc']:.4f}" in short.stdout
     assert "config:" not in short.stdout and "width" not in short.stdout
     every = hpo("best", "m", "--all", url=url, cwd=cwd)
     assert "config:" in every.stdout and "model = 'resnet20'" in every.stdout

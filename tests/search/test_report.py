@@ -48,10 +48,10 @@ def test_report_of_a_finished_study_is_self_contained(
     info = best(storage, "done", pipeline.load(storage, "done"))
     best_part = _section(page, "best")
     assert f"<td>test accuracy (test_acc)</td><td class=\"num\">" \
-           f"{format_value(info['metrics']['test_acc'])}</td>" in best_part
+           f"{format_value(info['test']['test_acc'])}</td>" in best_part
     assert f"trial #{info['trial']}" in best_part
     assert "Confusion matrix" in best_part and '"type":"heatmap"' in best_part
-    classes = len(info["metrics"]["confusion"])
+    classes = len(info["test"]["confusion"])
     assert best_part.count("<td class=\"num\">") >= 3 + 2 * classes  # metrics + per-class F1
     assert not list(tmp_path.glob(".*.tmp"))  # the temp file was renamed, not left behind
 
