@@ -3,8 +3,8 @@
 The pipeline's winner (K = 1: `search.db.winner`, the confirmed one when a confirmation stage
 ran), or its top-K complete trials ranked by the pipeline's metric (K > 1: an ensemble averaging
 their softmax), become one export or a running prediction service. Exporting the winner reports
-its test metrics, evaluated once for the pipeline and stored. The model code lives in trainer/ (bundle, portable, serve); this
-module only finds the trials and their checkpoints.
+its test metrics, evaluated once for the pipeline and stored. The model code lives in trainer/
+(bundle, portable, serve); this module only finds the trials and their checkpoints.
 """
 
 from __future__ import annotations
