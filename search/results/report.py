@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 
 from search.db import pipeline
+from search.results import progress, snapshot
 from search.results.best import StageStatus, best, stage_status
 from search.space.spec import Pipeline, Stage
 from trainer.config import ConfigError
@@ -77,6 +78,9 @@ def render(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> st
         f" <b>{_esc(pipe.metric)}</b> ({_esc(pipe.direction)}).</p>",
         "<h2>Stages</h2>",
         _summary(name, statuses),
+        '<section id="savings">\n<h2>What pruning and staging saved</h2>',
+        _savings_section(snapshot.read(storage, name, pipe), pipe),
+        "</section>",
         '<section id="best">\n<h2>Best model</h2>',
         _best_section(storage, name, pipe, statuses),
         "</section>",
@@ -111,6 +115,29 @@ def _summary(name: str, statuses: list[StageStatus]) -> str:
         ])
     return _table(["stage study", "budget", "complete", "pruned", "failed", "running/waiting",
                    "best value", "carried in"], rows)
+
+
+def _savings_section(snap: snapshot.Snapshot, pipe: Pipeline) -> str:
+    saved = progress.savings(snap, pipe)
+    rows = [[_esc(s.stage), str(s.trained), str(s.without), str(s.saved)] for s in saved]
+    trained, without = sum(s.trained for s in saved), sum(s.without for s in saved)
+    rows.append(["<b>pipeline</b>", str(trained), str(without), str(max(0, without - trained))])
+    out = [_table(["stage", "epochs trained", "without pruning or deduplication", "saved"], rows)]
+    curves = [c for c in progress.curves(snap, pipe) if c.best]
+    if not curves:
+        out.append(_note("Not drawn: no trial has completed yet."))
+        return "\n".join(out)
+    fig = go.Figure()
+    for c in curves:
+        whole = c.name == "pipeline"
+        fig.add_trace(go.Scatter(
+            x=c.epochs, y=c.best, mode="lines+markers", name=c.name, line_shape="hv",
+            line={"width": 3 if whole else 1.5, "dash": "solid" if whole else "dot"}))
+    fig.update_layout(title=f"Time to accuracy: best {pipe.metric} so far", height=420,
+                      xaxis={"title": "cumulative training epochs"},
+                      yaxis={"title": f"best {pipe.metric} so far"})
+    out += ["<h3>Time to accuracy</h3>", _figure(fig)]
+    return "\n".join(out)
 
 
 def _best_section(

@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 
 from search.db import winner
-from search.results import snapshot
+from search.results import progress, snapshot
 from search.results.best import StageStatus, stage_status
 from search.space.spec import Pipeline
 
@@ -22,9 +22,13 @@ def status_dict(
     stages = []
     snap = snapshot.read(storage, name, pipe)
     statuses = statuses if statuses is not None else stage_status(storage, name, pipe)
-    for s, view in zip(statuses, snap.stages, strict=True):
+    saved = progress.savings(snap, pipe)
+    for s, view, spent in zip(statuses, snap.stages, saved, strict=True):
         c = s.counts
         stages.append({
+            # Epochs trained, and what a search of this budget without pruning or deduplication
+            # would have trained (search/results/progress.py).
+            "epochs_trained": spent.trained, "epochs_without": spent.without,
             # Why trials did not complete, and hand-backs apart from failures
             # (search/results/snapshot.py).
             "outcomes": dict(view.reasons), "handed_back": view.handed_back,
@@ -41,6 +45,9 @@ def status_dict(
         "study": name, "metric": pipe.metric, "direction": pipe.direction, "stages": stages,
         # The confirmation stage's candidates, best mean first: the first is the winner.
         "confirmed": confirmed,
+        # Best value so far against cumulative epochs trained, per stage and for the pipeline.
+        "time_to_accuracy": {c.name: {"epochs": c.epochs, "best": c.best}
+                             for c in progress.curves(snap, pipe)},
         "workers": [
             {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in w.items()
              if k != "trial"} | _current(w) for w in snap.workers
@@ -74,6 +81,15 @@ def print_status(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline)
                      str(s["failed"] - s["handed_back"]), str(s["running"] + s["waiting"]), best,
                      _duration(s["seconds"])))
     table(rows)
+    trained = sum(s["epochs_trained"] for s in info["stages"])
+    without = sum(s["epochs_without"] for s in info["stages"])
+    print(f"  epochs: {trained} trained; {without} without pruning or deduplication"
+          f" ({max(0, without - trained)} saved)")
+    whole = info["time_to_accuracy"]["pipeline"]
+    if whole["best"]:
+        curve = progress.Curve("pipeline", whole["epochs"], whole["best"])
+        print(f"  time to accuracy: {progress.sparkline(curve)}"
+              f"  {', '.join(progress.reached(curve))}")
     for c in info["confirmed"]:
         of = c["of"]
         print(f"  {'winner' if c is info['confirmed'][0] else 'then  '}: {of['stage']}"
