@@ -168,7 +168,7 @@ def test_one_read_of_the_study_per_ask(pg_url: str, ours: bool) -> None:
     worker's once."""
     from optuna.storages._cached_storage import _CachedStorage
 
-    from search.runtime.worker import ask
+    from search.db.writes import ask
 
     study = _study(optuna.storages.RDBStorage(pg_url), "reads", ours=ours)
     others = [study.ask() for _ in range(3)]  # running trials of other workers

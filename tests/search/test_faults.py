@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from search.db import pipeline
 from search.db.storage import open_storage
-from search.runtime.worker import ERROR_LIMIT
+from search.runtime.stages import ERROR_LIMIT
 from tests.helpers import hpo, start_worker, table_names, wait_for, write_space
 
 ONE_STAGE = """
