@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -53,10 +54,10 @@ class Tally:
 class StageRunner:
     def __init__(
         self, study: optuna.Study, ctx: objective.TrialContext, beat: Beat,
-        stop: threading.Event, tally: Tally, rss_mb: Any,
+        stop: threading.Event, tally: Tally, rss_mb: Callable[[], float],
     ) -> None:
         self.study, self.ctx, self.beat, self.stop, self.tally = study, ctx, beat, stop, tally
-        self.rss_mb = rss_mb  # () -> float: the worker's memory, recorded with each trial
+        self.rss_mb = rss_mb  # the worker's memory, recorded with each trial
         self.stage: Stage = ctx.stage
 
     def run(self) -> StageEnd:
