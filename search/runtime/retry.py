@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.db import budget, pipeline
 from search.db import optuna_private as op
 from search.db.attrs import CANDIDATE, CRASHES, RETRY_OF, ROOT
-from search.db.writes import fail_running, queue_copy
+from search.db.writes import fail_running
 
 MAX_CRASH_RETRIES = 1  # a configuration that killed its worker twice is failed for good
 log = logging.getLogger(__name__)
@@ -36,14 +36,6 @@ def copy_attrs(trial: FrozenTrial, *, crashed: bool) -> dict[str, Any]:
     if CANDIDATE in trial.user_attrs:  # a confirmation trial's retry re-runs the same one
         attrs[CANDIDATE] = trial.user_attrs[CANDIDATE]
     return attrs
-
-
-def requeue(study: optuna.Study, trial: FrozenTrial, *, crashed: bool) -> None:
-    """Enqueue a WAITING copy of the finished `trial` with the same parameters, once: a call
-    repeated after a lost reply finds the copy and adds none. Retries through an outage. (A
-    running trial is handed back with `hand_back`, which keeps its slot.)"""
-    if queue_copy(study, trial, copy_attrs(trial, crashed=crashed)):
-        log.info("trial %d re-queued (%s)", trial.number, "crashed" if crashed else "handed back")
 
 
 def hand_back(study: optuna.Study, trial: FrozenTrial) -> bool:

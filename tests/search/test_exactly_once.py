@@ -17,9 +17,9 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from search.db.storage import open_storage, with_retry
-from search.db.writes import ask
+from search.db.writes import ask, queue_copy
 from search.runtime.objective import suggest_once, upload_once
-from search.runtime.retry import reap, requeue
+from search.runtime.retry import copy_attrs, reap
 from search.space.params import FloatParam
 from tests.search.tcp_proxy import FlakyProxy
 
@@ -60,7 +60,7 @@ def test_ask_whose_commit_reply_is_lost_takes_one_trial(
     direct, study, proxy = studies
     if queued:
         first = _failed_trial(direct)
-        requeue(direct, first, crashed=False)
+        queue_copy(direct, first, copy_attrs(first, crashed=False))
     proxy.lose_commit_reply(b"UPDATE trials SET state" if queued else b"INSERT INTO trials ")
     with caplog.at_level(logging.WARNING, logger="search"):
         trial = ask(study)
@@ -93,15 +93,16 @@ def test_plain_ask_retried_under_the_same_fault_leaves_an_orphan(
     assert trial.number == 1
 
 
-def test_requeue_whose_commit_reply_is_lost_queues_one_copy(
+def test_queue_copy_whose_commit_reply_is_lost_queues_one_copy(
     studies: tuple[optuna.Study, optuna.Study, FlakyProxy],
 ) -> None:
     direct, study, proxy = studies
     failed = _failed_trial(direct)
     proxy.lose_commit_reply(b"INSERT INTO trials ")
-    requeue(study, failed, crashed=True)
+    queue_copy(study, failed, copy_attrs(failed, crashed=True))
     assert proxy.lost.is_set(), "the fault was not injected"
-    requeue(study, failed, crashed=True)  # a second reaper, or a caller retrying us: no effect
+    # A second reaper, or a caller retrying us: no effect.
+    queue_copy(study, failed, copy_attrs(failed, crashed=True))
     trials = direct.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[1].params == failed.params
