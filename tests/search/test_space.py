@@ -364,7 +364,11 @@ def test_base_config_layers_fixed_carried_stage_fixed_and_epochs() -> None:
     stage = Stage("s", trials=1, epochs=7, fixed={"lr": 0.3, "epochs": 99})
     pipeline = Pipeline("digits", "val_acc", {"lr": 0.1, "momentum": 0.5, "seed": 1}, (stage,))
     got = base_config(pipeline, stage, {"momentum": 0.9, "lr": 0.2})
-    assert got == {"dataset": "digits", "lr": 0.3, "momentum": 0.9, "seed": 1, "epochs": 7}
+    assert got == {"dataset": "digits", "lr": 0.3, "momentum": 0.9, "seed": 1, "epochs": 7,
+                   "best_metric": "val_acc"}
+    # The epoch a trial keeps is its best by the pipeline's metric.
+    by_loss = Pipeline("digits", "val_loss", {}, (stage,))
+    assert base_config(by_loss, stage, {})["best_metric"] == "val_loss"
 
 
 def test_parse_space_accepts_a_dict_and_names_the_source() -> None:
