@@ -375,3 +375,11 @@ def test_parse_space_accepts_a_dict_and_names_the_source() -> None:
     with pytest.raises(SpaceError, match=r"^somewhere: stage 'a': trials"):
         parse_space({"dataset": "digits", "stage": [{"name": "a", "trials": -1, "epochs": 1}]},
                     "somewhere")
+
+
+@pytest.mark.parametrize("field", ["best_metric", "test"])
+def test_fields_that_follow_from_the_pipeline_cannot_be_set(field: str) -> None:
+    value = "val_loss" if field == "best_metric" else True
+    with pytest.raises(SpaceError, match=rf"fixed.{field}: a space file cannot set it"):
+        parse_space({"dataset": "digits", "fixed": {field: value},
+                     "stage": [{"name": "a", "trials": 1, "epochs": 1}]}, "f.toml")
