@@ -9,6 +9,7 @@ which already holds what its own stage carried in.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -107,31 +108,65 @@ def stage_state(study: optuna.Study) -> tuple[Counts, budget.Limit]:
     return budget.state(backend.engine, op.study_id(study))
 
 
-def best_trial(trials: Iterable[FrozenTrial], direction: str) -> FrozenTrial | None:
-    """The best complete trial of `trials` by `direction`; of equal ones, the first."""
-    sign = 1.0 if direction == "maximize" else -1.0
-    best: tuple[float, FrozenTrial] | None = None
+def best_trial(
+    trials: Iterable[FrozenTrial], direction: str, ties: str = "earlier", metric: str = "val_acc"
+) -> FrozenTrial | None:
+    """The best complete trial of `trials` by `direction`; of equal ones, as `ties` says
+    (`better`)."""
+    best: FrozenTrial | None = None
     for trial in trials:
         if trial.state != TrialState.COMPLETE or trial.value is None:
             continue
-        if best is None or sign * trial.value > best[0]:
-            best = (sign * trial.value, trial)
-    return None if best is None else best[1]
+        if best is None or better(trial, best, direction, ties, metric):
+            best = trial
+    return best
+
+
+def better(
+    trial: FrozenTrial, than: FrozenTrial, direction: str, ties: str = "earlier",
+    metric: str = "val_acc",
+) -> bool:
+    """Whether complete `trial`, which comes after complete `than` (a later trial, or a later
+    stage's), takes its place as the best: a better value, or an equal one and `ties` is
+    "later", or "val_loss" and a lower recorded validation loss. ("earlier": it does not.)"""
+    sign = 1.0 if direction == "maximize" else -1.0
+    assert trial.value is not None and than.value is not None
+    mine, theirs = sign * trial.value, sign * than.value
+    if mine != theirs:
+        return mine > theirs
+    if ties == "later":
+        return True
+    if ties == "val_loss":
+        return val_loss(trial, metric) < val_loss(than, metric)
+    return False
+
+
+def val_loss(trial: FrozenTrial, metric: str) -> float:
+    """A trial's recorded validation loss: its result's (user attribute `metrics`), else that of
+    its best epoch (`epochs`: the first whose `metric` is the trial's value); inf if neither."""
+    found = (trial.user_attrs.get("metrics") or {}).get("val_loss")
+    if found is None:
+        best = [e for e in trial.user_attrs.get("epochs") or []
+                if isinstance(e, dict) and e.get(metric) == trial.value]
+        found = best[0].get("val_loss") if best else None
+    if isinstance(found, bool) or not isinstance(found, int | float) or math.isnan(found):
+        return math.inf
+    return float(found)
 
 
 def best_of(
     storage: optuna.storages.RDBStorage, name: str, pipeline: Pipeline, stages: list[Stage]
 ) -> tuple[Stage, FrozenTrial] | None:
     """The best complete trial over `stages`, by the pipeline's metric and direction; of equal
-    ones, the earliest stage's."""
+    ones, as the pipeline's `ties` says (the earliest stage's by default)."""
     found: list[tuple[Stage, FrozenTrial]] = []
     for stage in stages:
         study = load_stage_study(storage, name, stage)
         trial = best_trial(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
-                           pipeline.direction)
+                           pipeline.direction, pipeline.ties, pipeline.metric)
         if trial is not None:
             found.append((stage, trial))
-    best = best_trial((t for _, t in found), pipeline.direction)
+    best = best_trial((t for _, t in found), pipeline.direction, pipeline.ties, pipeline.metric)
     return next(((s, t) for s, t in found if t is best), None)
 
 

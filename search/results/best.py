@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from search.artifacts import Artifacts
 from search.db import budget as budget_rules
@@ -48,23 +49,23 @@ def stage_status(
     storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline
 ) -> list[StageStatus]:
     out: list[StageStatus] = []
-    sign = 1.0 if pipe.direction == "maximize" else -1.0
-    earlier: tuple[str, int, float] | None = None  # best (stage, trial, value) so far
+    earlier: tuple[str, FrozenTrial] | None = None  # the best (stage, trial) so far
     for stage in pipe.stages:
         study = pipeline.load_stage_study(storage, name, stage)
         trials = study.get_trials(deepcopy=False)
-        best = pipeline.best_trial(trials, pipe.direction)
+        best = pipeline.best_trial(trials, pipe.direction, pipe.ties, pipe.metric)
         opened = registry.get_stage(storage.engine, name, stage.name)
         counts, limit = pipeline.stage_state(study)
         not_beaten = None
-        value = best.value if best is not None else None
-        if value is not None:
-            # Strictly better, as `pipeline.best_of` picks what the next stage opens from: a tie
-            # with the earlier best carries nothing new either.
-            if earlier is None or sign * value > sign * earlier[2]:
-                earlier = (stage.name, best.number, value)  # type: ignore[union-attr]
+        if best is not None:
+            # As `pipeline.best_of` picks what the next stage opens from: by default a tie with
+            # the earlier best carries nothing new either (the file's `ties` can say otherwise).
+            if earlier is None or pipeline.better(best, earlier[1], pipe.direction, pipe.ties,
+                                                  pipe.metric):
+                earlier = (stage.name, best)
             else:
-                not_beaten = {"stage": earlier[0], "trial": earlier[1], "value": earlier[2]}
+                not_beaten = {"stage": earlier[0], "trial": earlier[1].number,
+                              "value": earlier[1].value}
         out.append(StageStatus(
             name=stage.name, budget=stage.trials if limit.trials is None else limit.trials,
             counts=counts, closed=budget_rules.closed(counts, limit),
