@@ -21,8 +21,11 @@ from search.db import budget, registry
 from search.db import optuna_private as op
 from search.db.budget import BUDGET, SPACE_SIZE, Counts
 from search.space import grid
-from search.space.spec import Pipeline, Stage
+from search.space.params import ParamError, distribution, field_value, in_range
+from search.space.spec import Pipeline, Stage, base_config
+from trainer.config import ConfigError, TrainConfig, with_overrides
 
+WARM_FROM = "warm_from"  # a warm trial's user attr: {"stage", "trial"} it was made from
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -168,6 +171,64 @@ def best_of(
             found.append((stage, trial))
     best = best_trial((t for _, t in found), pipeline.direction, pipeline.ties, pipeline.metric)
     return next(((s, t) for s, t in found if t is best), None)
+
+
+def warm_trials(
+    storage: optuna.storages.RDBStorage, name: str, pipeline: Pipeline, index: int,
+    carried: dict[str, Any],
+) -> list[FrozenTrial]:
+    """The warm start of stage `index` (opened with `carried`): the complete trials of the stages
+    before it that share its base, as trials of this stage's parameters for its TPE to read.
+
+    A trial shares the base when its recorded configuration (user attribute `config`) equals the
+    TrainConfig this stage's trials start from (`base_config` through `with_overrides`) on every
+    parameter some stage of the pipeline searches and this one does not, and its values of this
+    stage's parameters lie within this stage's ranges. They come numbered -n..-1 in the order
+    the stages and trials ran, with trial ids to match (no stored trial has a negative one), so
+    TPE weighs them as older than the stage's own; user attribute `warm_from` says where each
+    came from. Reads only."""
+    stage = pipeline.stages[index]
+    if not stage.params:
+        return []
+    try:
+        base = with_overrides(TrainConfig(), base_config(pipeline, stage, carried))
+    except ConfigError:  # not a configuration any trial of the stage starts from
+        return []
+    others = {key for s in pipeline.stages for key in s.params} - set(stage.params)
+    chosen: list[tuple[str, FrozenTrial, dict[str, Any]]] = []
+    for earlier in pipeline.stages[:index]:
+        study = load_stage_study(storage, name, earlier)
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            values = _sharing_base(trial, base, others, stage)
+            if values is not None and trial.value is not None:
+                chosen.append((earlier.name, trial, values))
+    distributions = {key: distribution(p) for key, p in stage.params.items()}
+    n = len(chosen)
+    return [
+        FrozenTrial(
+            number=i - n, trial_id=i - n, state=TrialState.COMPLETE, value=trial.value,
+            values=None, datetime_start=trial.datetime_start,
+            datetime_complete=trial.datetime_complete, params=values,
+            distributions=dict(distributions), intermediate_values={}, system_attrs={},
+            user_attrs={WARM_FROM: {"stage": origin, "trial": trial.number}},
+        )
+        for i, (origin, trial, values) in enumerate(chosen)
+    ]
+
+
+def _sharing_base(
+    trial: FrozenTrial, base: TrainConfig, others: set[str], stage: Stage
+) -> dict[str, Any] | None:
+    """The trial's values of `stage`'s params if it shares the stage's base, else None."""
+    config = trial.user_attrs.get("config")
+    if not isinstance(config, dict):
+        return None
+    try:
+        if any(field_value(key, config[key]) != getattr(base, key) for key in others):
+            return None
+        return {key: in_range(p, field_value(key, config[key])) for key, p in stage.params.items()}
+    except (KeyError, ParamError):  # a field the trial did not record, or a value out of range
+        return None
 
 
 def carried_from(trial: FrozenTrial) -> dict[str, Any]:
