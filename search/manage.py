@@ -98,9 +98,13 @@ def extend(storage: optuna.storages.RDBStorage, name: str, stage_name: str, tria
     _closed_by_later(storage, name, pipe, stage, "extend")
     stages = tuple(dataclasses.replace(s, trials=trials) if s is stage else s
                    for s in pipe.stages)
-    with storage.engine.begin() as conn:
-        conn.execute(sa.update(registry.pipelines).where(registry.pipelines.c.name == name)
-                     .values(spec=dataclasses.replace(pipe, stages=stages).to_json()))
+    extended = dataclasses.replace(pipe, stages=stages)
+    # A later pass of a cyclic pipeline (`cycles`) is stored as its first pass: its own budget
+    # lives in its study's attribute alone, which `hpo create` leaves as it is.
+    if Pipeline.from_json(extended.to_json()) == extended:
+        with storage.engine.begin() as conn:
+            conn.execute(sa.update(registry.pipelines).where(registry.pipelines.c.name == name)
+                         .values(spec=extended.to_json()))
     study.set_user_attr(BUDGET, trials)
     done = pipeline.counts(study).finished
     return (f"stage {stage.name!r} of {name!r}: budget {budget} -> {trials} ({done} finished);"

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.db import budget, registry
 from search.db import optuna_private as op
-from search.db.budget import BUDGET, SPACE_SIZE, Counts
+from search.db.budget import BUDGET, PATIENCE, SPACE_SIZE, Counts
 from search.space import grid
 from search.space.params import ParamError, distribution, field_value, in_range
 from search.space.spec import Pipeline, Stage, base_config
@@ -73,7 +73,12 @@ def create(
             direction=pipeline.direction, load_if_exists=True,
         )
         study.set_user_attr("stage", f"{index + 1}/{len(pipeline.stages)}: {stage.name}")
-        study.set_user_attr(BUDGET, stage.trials)
+        # Once set, the budget is the workers' (`hpo extend` raises it, a stage that runs out of
+        # patience passes some on): a create run again must not reset it.
+        if BUDGET not in study.user_attrs:
+            study.set_user_attr(BUDGET, stage.trials)
+        if stage.patience is not None:
+            study.set_user_attr(PATIENCE, stage.patience)
         size = grid.size(stage.params)
         if size is not None:
             study.set_user_attr(SPACE_SIZE, size)

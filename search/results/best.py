@@ -30,6 +30,9 @@ class StageStatus:
     # The best of the stages before it, when this stage's best ties or trails it: then the stage
     # carries nothing new to the next one. None: it improved, or has nothing to compare yet.
     not_beaten: dict[str, Any] | None = None
+    # Closed for want of improvement (`patience`): the stage study's `closed_early` record,
+    # {"patience", "finished", "passed", "to"}; None: it was not.
+    closed_early: dict[str, Any] | None = None
 
     @property
     def verdict(self) -> str:
@@ -38,6 +41,11 @@ class StageStatus:
         if self.exhausted and self.counts.finished < self.budget:
             said.append(f"closed early: all {self.counts.configurations} configurations of its"
                         " space were trained")
+        if self.closed_early is not None:
+            c = self.closed_early
+            passed = (f"passed {c['passed']} trials on to {c['to']}" if c.get("to")
+                      else f"left {c['passed']} trials of its budget unspent")
+            said.append(f"closed early: no better trial in its last {c['patience']}; {passed}")
         if self.not_beaten is not None:
             b = self.not_beaten
             said.append(f"did not beat {b['stage']} #{b['trial']} ({b['value']:.4f}):"
@@ -73,7 +81,7 @@ def stage_status(
             best_value=best.value if best else None, best_trial=best.number if best else None,
             carried=opened.carried if opened else None,
             seconds=sum((t.duration or timedelta()).total_seconds() for t in trials),
-            not_beaten=not_beaten,
+            not_beaten=not_beaten, closed_early=study.user_attrs.get(budget_rules.CLOSED_EARLY),
         ))
     return out
 

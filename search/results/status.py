@@ -32,7 +32,7 @@ def status_dict(
             "failed": c.failed, "running": c.running, "waiting": c.waiting,
             "best_value": s.best_value, "best_trial": s.best_trial, "carried": s.carried,
             "seconds": round(s.seconds, 1), "closed": s.closed, "exhausted": s.exhausted,
-            "not_beaten": s.not_beaten,
+            "not_beaten": s.not_beaten, "closed_early": s.closed_early,
         })
     return {
         "study": name, "metric": pipe.metric, "direction": pipe.direction, "stages": stages,
