@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from search import manage
+from search.db import budget, pipeline
+from search.db.storage import open_storage
 from search.space.spec import FloatParam, Pipeline, Pruner, SpaceError, load_space
 from tests.search.test_space import ARCH, DISTIL, SPACES, space, write
 
@@ -156,3 +159,22 @@ def test_each_key_changes_the_digest(tmp_path: Path) -> None:
     # Written at their defaults, the keys leave the digest alone.
     same = space(top='cycles = 1\nties = "earlier"', stage="warm_start = false")
     assert load_space(write(tmp_path, same)).digest() == plain
+
+
+@pytest.mark.parametrize(("stage", "stored"), [("optimizer-2", False), ("joint", True),
+                                               ("architecture", False)])
+def test_extend_a_later_pass_or_the_joint_stage(tmp_path: Path, stage: str, stored: bool) -> None:
+    """A stored pipeline keeps the file's shape, so a later pass's budget (or a first pass's,
+    which its later passes would follow) lives in its study's attribute only; the joint stage's
+    is in the stored pipeline too. `hpo create` with the file leaves either as extended."""
+    pipe = load_space(write(tmp_path, space(top="cycles = 2\n" + JOINT, later=ARCH)))
+    storage = open_storage(f"sqlite:///{tmp_path / 'hpo.db'}", create_schema=True)
+    pipeline.create(storage, "x", pipe, "space.toml")
+    manage.extend(storage, "x", stage, 9)
+    again = pipeline.load(storage, "x")
+    assert (again.stage(stage).trials == 9) is stored
+    assert [s.trials for s in again.stages if s.name != stage] == \
+           [s.trials for s in pipe.stages if s.name != stage]
+    assert not pipeline.create(storage, "x", pipe, "space.toml")  # exists, unchanged
+    study = pipeline.load_stage_study(storage, "x", pipe.stage(stage))
+    assert study.user_attrs[budget.BUDGET] == 9
