@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 from search.db import budget, pipeline
 from search.db.storage import open_storage
 from search.db.writes import pass_budget_on
+from search.results.best import StageStatus
 from search.space.spec import parse_space
 from tests.helpers import hpo, start_stub_worker, write_space
 from tests.search.tcp_proxy import FlakyProxy
@@ -217,3 +218,17 @@ def test_workers_close_a_stage_that_stops_improving(storage_url: str, tmp_path: 
     assert again.returncode == 0, again.stderr
     assert [pipeline.load_stage_study(storage, "p", s).user_attrs[budget.BUDGET]
             for s in pipe.stages] == [3, 3, 9]
+
+
+@pytest.mark.parametrize(("record", "said"), [
+    ({"patience": 3, "finished": 4, "passed": 6, "to": "final"},
+     "closed early: no better trial in its last 3; passed 6 trials on to final"),
+    ({"patience": 2, "finished": 3, "passed": 5, "to": None},
+     "closed early: no better trial in its last 2; left 5 trials of its budget unspent"),
+])
+def test_the_verdict_says_how_patience_closed_a_stage(record: dict, said: str) -> None:
+    status = StageStatus(
+        name="s", budget=record["finished"], counts=Counts(complete=record["finished"]),
+        closed=True, exhausted=False, best_value=0.5, best_trial=0, carried={}, seconds=1.0,
+        closed_early=record)
+    assert status.verdict == said
