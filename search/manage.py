@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,16 +21,7 @@ from search.db import pipeline, registry
 from search.db.budget import BUDGET
 from search.db.storage import GRACE_SECONDS
 from search.results import snapshot
-from search.space.params import (
-    CategoricalParam,
-    FloatParam,
-    IntParam,
-    Param,
-    ParamError,
-    check_config,
-    field_value,
-    show,
-)
+from search.space.params import ParamError, check_config, field_value, in_range, show
 from search.space.spec import Pipeline, Stage, base_config
 
 PipelineError = pipeline.PipelineError
@@ -108,9 +98,13 @@ def extend(storage: optuna.storages.RDBStorage, name: str, stage_name: str, tria
     _closed_by_later(storage, name, pipe, stage, "extend")
     stages = tuple(dataclasses.replace(s, trials=trials) if s is stage else s
                    for s in pipe.stages)
-    with storage.engine.begin() as conn:
-        conn.execute(sa.update(registry.pipelines).where(registry.pipelines.c.name == name)
-                     .values(spec=dataclasses.replace(pipe, stages=stages).to_json()))
+    extended = dataclasses.replace(pipe, stages=stages)
+    # A later pass of a cyclic pipeline (`cycles`) is stored as its first pass: its own budget
+    # lives in its study's attribute alone, which `hpo create` leaves as it is.
+    if Pipeline.from_json(extended.to_json()) == extended:
+        with storage.engine.begin() as conn:
+            conn.execute(sa.update(registry.pipelines).where(registry.pipelines.c.name == name)
+                         .values(spec=extended.to_json()))
     study.set_user_attr(BUDGET, trials)
     done = pipeline.counts(study).finished
     return (f"stage {stage.name!r} of {name!r}: budget {budget} -> {trials} ({done} finished);"
@@ -157,24 +151,10 @@ def _parse_params(text: str, stage: Stage) -> dict[str, Any]:
             raise PipelineError(f"--params: {key!r} is not searched in stage {stage.name!r}"
                                 f" (it searches {', '.join(sorted(stage.params)) or 'nothing'})")
         try:
-            out[key] = _in_range(stage.params[key], field_value(key, value))
+            out[key] = in_range(stage.params[key], field_value(key, value))
         except ParamError as e:
             raise PipelineError(f"--params: {key}: {e}") from None
     return out
-
-
-def _in_range(param: Param, value: Any) -> Any:
-    if isinstance(param, CategoricalParam):
-        if not any(type(c) is type(value) and c == value for c in param.choices):
-            raise ParamError(f"{show(value)} is not one of {list(param.choices)}")
-        return value
-    assert isinstance(param, FloatParam | IntParam)
-    if not param.low <= value <= param.high:
-        raise ParamError(f"{show(value)} is outside the stage's range [{param.low}, {param.high}]")
-    if param.step and not math.isclose((value - param.low) / param.step,
-                                       round((value - param.low) / param.step), abs_tol=1e-9):
-        raise ParamError(f"{show(value)} is not on the grid {param.low} + k * {param.step}")
-    return value
 
 
 def plan_delete(

@@ -22,9 +22,16 @@ A stage whose space is finite (only categorical and stepped parameters: `search.
 each configuration at most once: a new trial needs a configuration no trial holds yet as well as a
 slot, and once every configuration is finished the stage closes early ("space exhausted").
 
-The budget is the stage study's user attribute `budget` and the number of configurations its
-attribute `space_size` (both written by `hpo create`), read in the database, so every worker sees
-one figure.
+A stage with `patience` N closes early too: when its last N finished trials (in the order they
+finished) did not improve its best complete value and none of its trials is running or waiting
+(`out_of_patience`), a worker lowers its budget to what it finished and raises the next stage's by
+the rest, once (`writes.pass_budget_on`). So that it closes after exactly those N, no new trial is
+created while the non-improving trials so far and the trials in flight make N: those in flight
+could be the last ones (a worker waits for them, as for a slot).
+
+The budget is the stage study's user attribute `budget`, the number of configurations its
+attribute `space_size` and the patience its attribute `patience` (all written by `hpo create`),
+read in the database, so every worker sees one figure.
 """
 
 from __future__ import annotations
@@ -36,12 +43,23 @@ import sqlalchemy as sa
 from optuna.trial import TrialState
 
 from search.db.attrs import CONFIGURATION
-from search.db.optuna_private import STUDY_ATTRS, SYSTEM_ATTRS, TRIALS
+from search.db.optuna_private import (
+    DIRECTIONS,
+    STUDY_ATTRS,
+    SYSTEM_ATTRS,
+    TRIALS,
+    VALUES,
+    trial_value,
+)
 
 BUDGET = "budget"  # study user attr: the stage's budget of finished trials
 SPACE_SIZE = "space_size"  # study user attr: its distinct configurations (absent: unbounded)
 # study user attr, true once a confirmation stage queued its trials: it runs those and no others
 QUEUED_ONLY = "queued_only"
+PATIENCE = "patience"  # study user attr: finished trials without improvement that close it
+# study user attr: how a stage closed for want of improvement: {"patience", "finished", "passed",
+# "to"} (the next stage, None for the last)
+CLOSED_EARLY = "closed_early"
 
 _TRIALS, _SYSTEM_ATTRS, _STUDY_ATTRS = TRIALS, SYSTEM_ATTRS, STUDY_ATTRS
 HOLDING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -55,6 +73,7 @@ class Limit:
     trials: int | None
     configurations: int | None = None
     queued_only: bool = False  # a confirmation stage: no new trials, only the queued ones
+    patience: int | None = None  # None: the stage spends its budget
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,9 @@ class Counts:
     # Distinct configurations held by finished, running and waiting trials (one that has not
     # reserved its configuration yet counts as one of its own); counted for finite spaces only.
     configurations: int = 0
+    # Trials finished since the last that improved the stage's best complete value (None: no
+    # complete trial yet); counted for stages with patience only.
+    streak: int | None = None
 
     @property
     def finished(self) -> int:
@@ -100,7 +122,18 @@ def free_slots(counts: Counts, limit: Limit) -> int:
     free = 1 if limit.trials is None else max(0, limit.trials - counts.occupied)
     if limit.configurations is not None:
         free = min(free, max(0, limit.configurations - counts.configurations))
+    if limit.patience is not None and counts.streak is not None:
+        in_flight = counts.running + counts.waiting
+        free = min(free, max(0, limit.patience - counts.streak - in_flight))
     return free
+
+
+def out_of_patience(counts: Counts, limit: Limit) -> bool:
+    """The stage is open, its last `patience` finished trials did not improve its best, and none
+    of its trials is running or waiting: it closes, passing its unspent budget on."""
+    return (limit.patience is not None and limit.trials is not None
+            and counts.streak is not None and counts.streak >= limit.patience
+            and counts.running == counts.waiting == 0 and not closed(counts, limit))
 
 
 def may_retry(counts: Counts, limit: Limit) -> bool:
@@ -124,11 +157,44 @@ def count(conn: sa.Connection, study_id: int, limit: Limit | None = None) -> Cou
     configurations = 0
     if limit is not None and limit.configurations is not None:
         configurations = _configurations(conn, study_id)
+    streak = None
+    if limit is not None and limit.patience is not None:
+        streak = _streak(conn, study_id)
     return Counts(
         complete=by_state.get(TrialState.COMPLETE, 0), pruned=by_state.get(TrialState.PRUNED, 0),
         failed=by_state.get(TrialState.FAIL, 0), running=by_state.get(TrialState.RUNNING, 0),
         waiting=by_state.get(TrialState.WAITING, 0), configurations=configurations,
+        streak=streak,
     )
+
+
+def _streak(conn: sa.Connection, study_id: int) -> int | None:
+    """Finished trials since the last one that improved the best complete value, in the order
+    they finished (a pruned trial never improves it); None before the first complete trial."""
+    direction = conn.execute(
+        sa.select(DIRECTIONS.c.direction)
+        .where(DIRECTIONS.c.study_id == study_id, DIRECTIONS.c.objective == 0)
+    ).scalar_one()
+    sign = 1.0 if str(getattr(direction, "name", direction)).upper() == "MAXIMIZE" else -1.0
+    values = sa.and_(VALUES.c.trial_id == _TRIALS.c.trial_id, VALUES.c.objective == 0)
+    rows = conn.execute(
+        sa.select(_TRIALS.c.state, VALUES.c.value, VALUES.c.value_type)
+        .select_from(_TRIALS.outerjoin(VALUES, values))
+        .where(_TRIALS.c.study_id == study_id,
+               _TRIALS.c.state.in_((TrialState.COMPLETE, TrialState.PRUNED)))
+        .order_by(_TRIALS.c.datetime_complete, _TRIALS.c.trial_id)
+    )
+    best: float | None = None
+    since: int | None = None
+    for state, value, kind in rows:
+        if _state(state) == TrialState.COMPLETE and kind is not None:
+            score = sign * trial_value(value, kind)
+            if best is None or score > best:
+                best, since = score, 0
+                continue
+        if since is not None:
+            since += 1
+    return since
 
 
 def _configurations(conn: sa.Connection, study_id: int) -> int:
@@ -150,16 +216,16 @@ def _state(value: str | int) -> TrialState:
 
 
 def read_limit(conn: sa.Connection, study_id: int) -> Limit:
-    """The stage's budget and space size as the database holds them."""
+    """The stage's budget, space size, patience and whether it runs queued trials only, as the
+    database holds them."""
+    keys = (BUDGET, SPACE_SIZE, PATIENCE, QUEUED_ONLY)
     attrs = dict(conn.execute(
         sa.select(_STUDY_ATTRS.c.key, _STUDY_ATTRS.c.value_json)
-        .where(_STUDY_ATTRS.c.study_id == study_id,
-               _STUDY_ATTRS.c.key.in_((BUDGET, SPACE_SIZE, QUEUED_ONLY)))
+        .where(_STUDY_ATTRS.c.study_id == study_id, _STUDY_ATTRS.c.key.in_(keys))
     ).all())
-    trials, size, queued = (json.loads(attrs[k]) if k in attrs else None
-                            for k in (BUDGET, SPACE_SIZE, QUEUED_ONLY))
+    trials, size, patience, queued = (json.loads(attrs[k]) if k in attrs else None for k in keys)
     return Limit(None if trials is None else int(trials), None if size is None else int(size),
-                 bool(queued))
+                 queued_only=bool(queued), patience=None if patience is None else int(patience))
 
 
 def state(engine: sa.Engine, study_id: int) -> tuple[Counts, Limit]:

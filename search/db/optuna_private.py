@@ -33,6 +33,8 @@ SYSTEM_ATTRS: sa.Table = _models.TrialSystemAttributeModel.__table__
 STUDY_ATTRS: sa.Table = _models.StudyUserAttributeModel.__table__
 BEATS: sa.Table = _models.TrialHeartbeatModel.__table__
 INTERMEDIATE: sa.Table = _models.TrialIntermediateValueModel.__table__
+VALUES: sa.Table = _models.TrialValueModel.__table__
+DIRECTIONS: sa.Table = _models.StudyDirectionModel.__table__
 
 # The system attribute prefix under which `optuna.artifacts.upload_artifact` records an artifact.
 ARTIFACTS_ATTR_PREFIX: str = _ARTIFACTS_PREFIX
@@ -42,6 +44,12 @@ def intermediate_value(value: float | None, kind: Any) -> float:
     """An intermediate value as stored (`INTERMEDIATE` row: value and its type column) as Optuna
     reads it back (infinities and NaN are stored apart)."""
     return float(_models.TrialIntermediateValueModel.stored_repr_to_intermediate_value(value, kind))
+
+
+def trial_value(value: float | None, kind: Any) -> float:
+    """A trial's value as stored (`VALUES` row: value and its type column) as Optuna reads it
+    back (infinities are stored apart)."""
+    return float(_models.TrialValueModel.stored_repr_to_value(value, kind))
 
 
 def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:

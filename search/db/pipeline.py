@@ -10,6 +10,7 @@ which already holds what its own stage carried in.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -19,10 +20,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.db import budget, registry, writes
 from search.db import optuna_private as op
-from search.db.budget import BUDGET, SPACE_SIZE, Counts
+from search.db.budget import BUDGET, PATIENCE, SPACE_SIZE, Counts
 from search.space import grid
-from search.space.spec import Pipeline, Stage
+from search.space.params import ParamError, distribution, field_value, in_range
+from search.space.spec import Pipeline, Stage, base_config
+from trainer.config import ConfigError, TrainConfig, with_overrides
 
+WARM_FROM = "warm_from"  # a warm trial's user attr: {"stage", "trial"} it was made from
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -70,7 +74,12 @@ def create(
             direction=pipeline.direction, load_if_exists=True,
         )
         study.set_user_attr("stage", f"{index + 1}/{len(pipeline.stages)}: {stage.name}")
-        study.set_user_attr(BUDGET, stage.trials)
+        # Once set, the budget is the workers' (`hpo extend` raises it, a stage that runs out of
+        # patience passes some on): a create run again must not reset it.
+        if BUDGET not in study.user_attrs:
+            study.set_user_attr(BUDGET, stage.trials)
+        if stage.patience is not None:
+            study.set_user_attr(PATIENCE, stage.patience)
         size = grid.size(stage.params)
         if size is not None:
             study.set_user_attr(SPACE_SIZE, size)
@@ -108,31 +117,65 @@ def stage_state(study: optuna.Study) -> tuple[Counts, budget.Limit]:
     return budget.state(backend.engine, op.study_id(study))
 
 
-def best_trial(trials: Iterable[FrozenTrial], direction: str) -> FrozenTrial | None:
-    """The best complete trial of `trials` by `direction`; of equal ones, the first."""
-    sign = 1.0 if direction == "maximize" else -1.0
-    best: tuple[float, FrozenTrial] | None = None
+def best_trial(
+    trials: Iterable[FrozenTrial], direction: str, ties: str = "earlier", metric: str = "val_acc"
+) -> FrozenTrial | None:
+    """The best complete trial of `trials` by `direction`; of equal ones, as `ties` says
+    (`better`)."""
+    best: FrozenTrial | None = None
     for trial in trials:
         if trial.state != TrialState.COMPLETE or trial.value is None:
             continue
-        if best is None or sign * trial.value > best[0]:
-            best = (sign * trial.value, trial)
-    return None if best is None else best[1]
+        if best is None or better(trial, best, direction, ties, metric):
+            best = trial
+    return best
+
+
+def better(
+    trial: FrozenTrial, than: FrozenTrial, direction: str, ties: str = "earlier",
+    metric: str = "val_acc",
+) -> bool:
+    """Whether complete `trial`, which comes after complete `than` (a later trial, or a later
+    stage's), takes its place as the best: a better value, or an equal one and `ties` is
+    "later", or "val_loss" and a lower recorded validation loss. ("earlier": it does not.)"""
+    sign = 1.0 if direction == "maximize" else -1.0
+    assert trial.value is not None and than.value is not None
+    mine, theirs = sign * trial.value, sign * than.value
+    if mine != theirs:
+        return mine > theirs
+    if ties == "later":
+        return True
+    if ties == "val_loss":
+        return val_loss(trial, metric) < val_loss(than, metric)
+    return False
+
+
+def val_loss(trial: FrozenTrial, metric: str) -> float:
+    """A trial's recorded validation loss: its result's (user attribute `metrics`), else that of
+    its best epoch (`epochs`: the first whose `metric` is the trial's value); inf if neither."""
+    found = (trial.user_attrs.get("metrics") or {}).get("val_loss")
+    if found is None:
+        best = [e for e in trial.user_attrs.get("epochs") or []
+                if isinstance(e, dict) and e.get(metric) == trial.value]
+        found = best[0].get("val_loss") if best else None
+    if isinstance(found, bool) or not isinstance(found, int | float) or math.isnan(found):
+        return math.inf
+    return float(found)
 
 
 def best_of(
     storage: optuna.storages.RDBStorage, name: str, pipeline: Pipeline, stages: list[Stage]
 ) -> tuple[Stage, FrozenTrial] | None:
     """The best complete trial over `stages`, by the pipeline's metric and direction; of equal
-    ones, the earliest stage's."""
+    ones, as the pipeline's `ties` says (the earliest stage's by default)."""
     found: list[tuple[Stage, FrozenTrial]] = []
     for stage in stages:
         study = load_stage_study(storage, name, stage)
         trial = best_trial(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
-                           pipeline.direction)
+                           pipeline.direction, pipeline.ties, pipeline.metric)
         if trial is not None:
             found.append((stage, trial))
-    best = best_trial((t for _, t in found), pipeline.direction)
+    best = best_trial((t for _, t in found), pipeline.direction, pipeline.ties, pipeline.metric)
     return next(((s, t) for s, t in found if t is best), None)
 
 
@@ -169,6 +212,62 @@ def candidates(
         if rank == confirm.top:
             break
     return out
+def warm_trials(
+    storage: optuna.storages.RDBStorage, name: str, pipeline: Pipeline, index: int,
+    carried: dict[str, Any],
+) -> list[FrozenTrial]:
+    """The warm start of stage `index` (opened with `carried`): the complete trials of the stages
+    before it that share its base, as trials of this stage's parameters for its TPE to read.
+
+    A trial shares the base when its recorded configuration (user attribute `config`) equals the
+    TrainConfig this stage's trials start from (`base_config` through `with_overrides`) on every
+    parameter some stage of the pipeline searches and this one does not, and its values of this
+    stage's parameters lie within this stage's ranges. They come numbered -n..-1 in the order
+    the stages and trials ran, with trial ids to match (no stored trial has a negative one), so
+    TPE weighs them as older than the stage's own; user attribute `warm_from` says where each
+    came from. Reads only."""
+    stage = pipeline.stages[index]
+    if not stage.params:
+        return []
+    try:
+        base = with_overrides(TrainConfig(), base_config(pipeline, stage, carried))
+    except ConfigError:  # not a configuration any trial of the stage starts from
+        return []
+    others = {key for s in pipeline.stages for key in s.params} - set(stage.params)
+    chosen: list[tuple[str, FrozenTrial, dict[str, Any]]] = []
+    for earlier in pipeline.stages[:index]:
+        study = load_stage_study(storage, name, earlier)
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            values = _sharing_base(trial, base, others, stage)
+            if values is not None and trial.value is not None:
+                chosen.append((earlier.name, trial, values))
+    distributions = {key: distribution(p) for key, p in stage.params.items()}
+    n = len(chosen)
+    return [
+        FrozenTrial(
+            number=i - n, trial_id=i - n, state=TrialState.COMPLETE, value=trial.value,
+            values=None, datetime_start=trial.datetime_start,
+            datetime_complete=trial.datetime_complete, params=values,
+            distributions=dict(distributions), intermediate_values={}, system_attrs={},
+            user_attrs={WARM_FROM: {"stage": origin, "trial": trial.number}},
+        )
+        for i, (origin, trial, values) in enumerate(chosen)
+    ]
+
+
+def _sharing_base(
+    trial: FrozenTrial, base: TrainConfig, others: set[str], stage: Stage
+) -> dict[str, Any] | None:
+    """The trial's values of `stage`'s params if it shares the stage's base, else None."""
+    config = trial.user_attrs.get("config")
+    if not isinstance(config, dict):
+        return None
+    try:
+        if any(field_value(key, config[key]) != getattr(base, key) for key in others):
+            return None
+        return {key: in_range(p, field_value(key, config[key])) for key, p in stage.params.items()}
+    except (KeyError, ParamError):  # a field the trial did not record, or a value out of range
+        return None
 
 
 def carried_from(trial: FrozenTrial) -> dict[str, Any]:

@@ -25,6 +25,8 @@ landed:
   open the stage, with the stage's budget set to their number in the same commit.
 - `set_user_attrs`: a trial's user attributes in one upsert (a repeat writes the same values),
   instead of Optuna's two transactions per attribute.
+- `pass_budget_on`: closes a stage with patience that stopped improving, moving its unspent
+  budget to the next stage, only while the stage is open: run twice, it moves the budget once.
 
 Every transaction here that adds a trial first locks the study's row, so budget slots are counted
 and trial numbers given (as Optuna gives them) one writer at a time; trial ids of a study become
@@ -64,7 +66,7 @@ from search.db.storage import with_retry
 log = logging.getLogger(__name__)
 
 _TRIALS, _STUDIES, _PARAMS = TRIALS, STUDIES, PARAMS
-_USER_ATTRS, _SYSTEM_ATTRS, _BEATS = USER_ATTRS, SYSTEM_ATTRS, BEATS
+_USER_ATTRS, _SYSTEM_ATTRS, _BEATS, _STUDY_ATTRS = USER_ATTRS, SYSTEM_ATTRS, BEATS, STUDY_ATTRS
 
 
 def ask(study: optuna.Study) -> optuna.Trial | None:
@@ -214,6 +216,53 @@ def fail_running(
         if failed and copy_attrs is not None:
             _insert_copy(conn, op.study_id(study), trial, copy_attrs)
     return bool(failed)
+
+
+def pass_budget_on(study: optuna.Study, next_study: str | None) -> dict[str, Any] | None:
+    """If the stage is out of patience (`budget.out_of_patience`), close it: lower its budget to
+    the trials it finished and raise the budget of the study named `next_study` (the next stage;
+    None for the last) by the difference, recording what happened in the stage study's attribute
+    `closed_early`, in one transaction under both studies' locks. Returns that record, or None
+    when the stage was not out of patience (or is closed already: a second caller, or a retry
+    after a lost reply, moves nothing). Retries through an outage."""
+    backend = op.study_rdb(study)
+    if backend is None:
+        return None
+    study_id = op.study_id(study)
+
+    def attempt() -> dict[str, Any] | None:
+        with backend.engine.begin() as conn:
+            _lock_study(conn, study_id)
+            limit = budget.read_limit(conn, study_id)
+            counts = budget.count(conn, study_id, limit)
+            if not budget.out_of_patience(counts, limit):
+                return None
+            assert limit.trials is not None and limit.patience is not None
+            passed = max(0, limit.trials - counts.finished)
+            next_id = None if next_study is None else conn.execute(
+                sa.select(_STUDIES.c.study_id).where(_STUDIES.c.study_name == next_study)
+            ).scalar()
+            if next_id is not None:
+                _lock_study(conn, next_id)
+                later = budget.read_limit(conn, next_id).trials
+                if later is not None:
+                    _set_study_attr(conn, next_id, budget.BUDGET, later + passed)
+            to = None if next_study is None or next_id is None else next_study.rsplit("/", 1)[-1]
+            record = {"patience": limit.patience, "finished": counts.finished, "passed": passed,
+                      "to": to}
+            _set_study_attr(conn, study_id, budget.BUDGET, counts.finished)
+            _set_study_attr(conn, study_id, budget.CLOSED_EARLY, record)
+            return record
+
+    return with_retry("close stage", attempt)
+
+
+def _set_study_attr(conn: sa.Connection, study_id: int, key: str, value: Any) -> None:
+    """A study user attribute as Optuna stores it, replacing any value it had."""
+    conn.execute(sa.delete(_STUDY_ATTRS).where(_STUDY_ATTRS.c.study_id == study_id,
+                                               _STUDY_ATTRS.c.key == key))
+    conn.execute(sa.insert(_STUDY_ATTRS).values(study_id=study_id, key=key,
+                                                value_json=json.dumps(value)))
 
 
 def _insert_copy(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from search.artifacts import Artifacts
 from search.db import budget as budget_rules
@@ -29,6 +30,9 @@ class StageStatus:
     # The best of the stages before it, when this stage's best ties or trails it: then the stage
     # carries nothing new to the next one. None: it improved, or has nothing to compare yet.
     not_beaten: dict[str, Any] | None = None
+    # Closed for want of improvement (`patience`): the stage study's `closed_early` record,
+    # {"patience", "finished", "passed", "to"}; None: it was not.
+    closed_early: dict[str, Any] | None = None
 
     @property
     def verdict(self) -> str:
@@ -37,6 +41,11 @@ class StageStatus:
         if self.exhausted and self.counts.finished < self.budget:
             said.append(f"closed early: all {self.counts.configurations} configurations of its"
                         " space were trained")
+        if self.closed_early is not None:
+            c = self.closed_early
+            passed = (f"passed {c['passed']} trials on to {c['to']}" if c.get("to")
+                      else f"left {c['passed']} trials of its budget unspent")
+            said.append(f"closed early: no better trial in its last {c['patience']}; {passed}")
         if self.not_beaten is not None:
             b = self.not_beaten
             said.append(f"did not beat {b['stage']} #{b['trial']} ({b['value']:.4f}):"
@@ -48,23 +57,24 @@ def stage_status(
     storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline
 ) -> list[StageStatus]:
     out: list[StageStatus] = []
-    sign = 1.0 if pipe.direction == "maximize" else -1.0
-    earlier: tuple[str, int, float] | None = None  # best (stage, trial, value) so far
+    earlier: tuple[str, FrozenTrial] | None = None  # the best (stage, trial) so far
     for stage in pipe.stages:
         study = pipeline.load_stage_study(storage, name, stage)
         trials = study.get_trials(deepcopy=False)
-        best = pipeline.best_trial(trials, pipe.direction)
+        best = pipeline.best_trial(trials, pipe.direction, pipe.ties, pipe.metric)
         opened = registry.get_stage(storage.engine, name, stage.name)
         counts, limit = pipeline.stage_state(study)
         not_beaten = None
         # A confirmation stage re-runs what it is compared with: it carries nothing either way.
-        if best is not None and best.value is not None and stage.confirms is None:
-            # Strictly better, as `pipeline.best_of` picks what the next stage opens from: a tie
-            # with the earlier best carries nothing new either.
-            if earlier is None or sign * best.value > sign * earlier[2]:
-                earlier = (stage.name, best.number, best.value)
+        if best is not None and stage.confirms is None:
+            # As `pipeline.best_of` picks what the next stage opens from: by default a tie with
+            # the earlier best carries nothing new either (the file's `ties` can say otherwise).
+            if earlier is None or pipeline.better(best, earlier[1], pipe.direction, pipe.ties,
+                                                  pipe.metric):
+                earlier = (stage.name, best)
             else:
-                not_beaten = {"stage": earlier[0], "trial": earlier[1], "value": earlier[2]}
+                not_beaten = {"stage": earlier[0], "trial": earlier[1].number,
+                              "value": earlier[1].value}
         out.append(StageStatus(
             name=stage.name, budget=stage.trials if limit.trials is None else limit.trials,
             counts=counts, closed=budget_rules.closed(counts, limit),
@@ -72,7 +82,7 @@ def stage_status(
             best_value=best.value if best else None, best_trial=best.number if best else None,
             carried=opened.carried if opened else None,
             seconds=sum((t.duration or timedelta()).total_seconds() for t in trials),
-            not_beaten=not_beaten,
+            not_beaten=not_beaten, closed_early=study.user_attrs.get(budget_rules.CLOSED_EARLY),
         ))
     return out
 

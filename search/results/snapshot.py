@@ -168,6 +168,9 @@ def read(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> Snap
                 ))
             if RETRY_OF in t.user_attrs:
                 view.retried_as[int(t.user_attrs[RETRY_OF])] = t.number
+        best = pipeline.best_trial(trials, pipe.direction, pipe.ties, pipe.metric)
+        if best is not None:  # of equal values, the one the file's `ties` picks
+            view.best_value, view.best_trial = best.value, best.number
         stages.append(view)
     workers = registry.list_workers(storage.engine, name)
     for w in workers:

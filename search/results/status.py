@@ -37,7 +37,7 @@ def status_dict(
             "failed": c.failed, "running": c.running, "waiting": c.waiting,
             "best_value": s.best_value, "best_trial": s.best_trial, "carried": s.carried,
             "seconds": round(s.seconds, 1), "closed": s.closed, "exhausted": s.exhausted,
-            "not_beaten": s.not_beaten,
+            "not_beaten": s.not_beaten, "closed_early": s.closed_early,
         })
     confirmed = [{k: v for k, v in c.items() if k != "best"}
                  for c in winner.confirmation(storage, name, pipe)]

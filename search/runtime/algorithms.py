@@ -15,6 +15,10 @@ with many workers, how recent a read TPE samples from (milliseconds).
   liar Optuna also reads the study again for every parameter group, to see the latest running
   trials; this one samples from the read made when the same trial began to sample, when that was
   the first read since its ask (so, in one worker, the same trials).
+
+  Given `warm` trials (a warm start: complete trials from earlier stages,
+  `search.db.pipeline.warm_trials`), it reads them as trials of the study that came before its
+  own, in memory only, and counts them toward its start-up trials. Without, it is Optuna's TPE.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.db import optuna_private as op
 
 if TYPE_CHECKING:
-    from collections.abc import Container
+    from collections.abc import Container, Sequence
 
 
 class MedianPruner(optuna.pruners.MedianPruner):
@@ -129,10 +133,25 @@ class _CompleteView:
 
 
 class TPESampler(optuna.samplers.TPESampler):
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, warm: Sequence[FrozenTrial] = (), **kwargs: Any) -> None:
+        """Optuna's arguments, and `warm`: complete trials TPE reads before the study's own, each
+        with a negative trial id of its own (the caches below key by trial id). They count
+        toward `n_startup_trials`, so with as many warm trials as start-up trials TPE samples
+        from the first trial on."""
         super().__init__(**kwargs)
+        self._warm = list(warm)
+        if self._warm:
+            ids = {op.trial_id(t) for t in self._warm}
+            if len(ids) != len(self._warm) or max(ids) >= 0:
+                raise ValueError("warm trials need distinct negative trial ids")
+            if not all(t.state == TrialState.COMPLETE for t in self._warm):
+                raise ValueError("warm trials must be complete")
+            if not (self._multivariate and self._group):
+                raise ValueError("a warm start needs multivariate=True and group=True")
+            self._n_startup_trials = max(0, self._n_startup_trials - len(self._warm))
         if getattr(self, "_group_decomposed_search_space", None) is not None:
-            self._group_decomposed_search_space = _IncrementalGroupSpace(include_pruned=True)
+            self._group_decomposed_search_space = _IncrementalGroupSpace(include_pruned=True,
+                                                                         warm=self._warm)
         # Per search space: trial id -> its parameters' internal values, or () when it lacks one.
         self._rows: dict[tuple[Any, ...], dict[int, tuple[float, ...]]] = {}
         # Finished trial id -> (0 complete | 1 pruned | 2 infeasible, its sort key).
@@ -168,6 +187,8 @@ class TPESampler(optuna.samplers.TPESampler):
                                    use_cache=self._read_for == op.trial_id(trial))
         if self._constant_liar:
             trials = [t for t in trials if trial.number != t.number]
+        if self._warm:
+            trials = self._warm + trials  # numbered below the study's own: older
         if self._gamma is None:
             self._gamma = optuna.samplers._tpe.sampler.default_gamma
         n = sum(t.state != TrialState.RUNNING for t in trials)
@@ -243,9 +264,11 @@ class _IncrementalGroupSpace(_GroupDecomposedSearchSpace):
     """Optuna's grouped search space adds every finished trial's distributions again at every
     `ask`; adding a trial twice changes nothing, so each is added once."""
 
-    def __init__(self, include_pruned: bool = False) -> None:
+    def __init__(self, include_pruned: bool = False, warm: Sequence[FrozenTrial] = ()) -> None:
         super().__init__(include_pruned=include_pruned)
         self._added: set[int] = set()
+        for trial in warm:  # a warm start's trials are in the space from the first ask on
+            self._search_space.add_distributions(trial.distributions)
 
     def calculate(self, study: optuna.Study, use_cache: bool = False) -> _SearchSpaceGroup:
         if self._study_id is None:

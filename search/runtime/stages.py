@@ -5,6 +5,10 @@ held, until the stage closes.
 When every slot is held, by trials running here and elsewhere or by one whose worker died, the
 runner waits: the worker's beat thread reaps the dead trial and queues its retry, which the loop
 then takes.
+
+A stage with `patience` is also closed from here: before each ask the runner lets the database
+close it if its last N finished trials brought no improvement (`writes.pass_budget_on`, once,
+whichever worker gets there first).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import optuna
 from search.db import budget, pipeline
 from search.db import optuna_private as op
 from search.db.storage import with_retry
-from search.db.writes import ask, set_user_attrs
+from search.db.writes import ask, pass_budget_on, set_user_attrs
 from search.runtime import objective
 from search.runtime.beat import Beat
 from search.runtime.outcome import Outcome, classify
@@ -64,6 +68,8 @@ class StageRunner:
         """Trials of the stage until it closes or the worker must stop."""
         errors, idle = 0, False
         while not self.stop.is_set():
+            if self.stage.patience is not None:
+                self._pass_budget_on()
             trial = ask(self.study)  # exactly once, within the budget, retried through an outage
             if trial is None:
                 if self._closed():
@@ -96,12 +102,31 @@ class StageRunner:
                      self.stage.name, counts.configurations)
         return True
 
+    def _pass_budget_on(self) -> None:
+        # Not to a confirmation stage: its budget is the number of re-runs it queues.
+        stages = [s.name for s in self.ctx.pipeline.stages if s.confirms is None]
+        index = stages.index(self.stage.name)
+        later = stages[index + 1] if index + 1 < len(stages) else None
+        record = pass_budget_on(
+            self.study, None if later is None else pipeline.stage_study_name(self.ctx.study, later))
+        if record is not None:
+            log.info("stage %s: no better trial in its last %d; closed early with %d trials,"
+                     " passing %d on to %s", self.stage.name, record["patience"],
+                     record["finished"], record["passed"], record["to"] or "no later stage")
+
     def _waiting(self) -> None:
         # A slot is held by a trial running elsewhere, perhaps one whose worker died: the reaper
         # (in our beat thread too) fails it and queues its retry, which the loop then takes.
         counts, limit = with_retry("count trials", lambda: pipeline.stage_state(self.study))
-        log.info("stage %s: every slot of %s is held (%d running); waiting for one",
-                 self.stage.name, limit.trials, counts.running)
+        if limit.patience is not None and counts.streak is not None \
+                and budget.free_slots(counts, limit) == 0 and counts.occupied < (limit.trials or 0):
+            # Patience: the trials in flight may be the stage's last; no more until they finish.
+            log.info("stage %s: %d trials without improvement and %d in flight make its"
+                     " patience of %d; waiting for them", self.stage.name, counts.streak,
+                     counts.running + counts.waiting, limit.patience)
+        else:
+            log.info("stage %s: every slot of %s is held (%d running); waiting for one",
+                     self.stage.name, limit.trials, counts.running)
         self.beat.note(current=f"{self.stage.name}: waiting for a slot")
 
     def run_trial(self, trial: optuna.Trial) -> Outcome:

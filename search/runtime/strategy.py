@@ -41,10 +41,11 @@ def make_pruner(stage: Stage) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def make_sampler(stage: Stage, seed: int) -> BaseSampler:
+def make_sampler(stage: Stage, seed: int, warm: Sequence[FrozenTrial] = ()) -> BaseSampler:
+    """`warm`: earlier trials to start TPE from (`search.db.pipeline.warm_trials`), in memory."""
     tpe = algorithms.TPESampler(
         n_startup_trials=stage.sampler.startup_trials, multivariate=True, group=True,
-        constant_liar=True, seed=seed,
+        constant_liar=True, seed=seed, warm=warm,
     )
     configurations = grid.configurations(stage.params)
     if configurations is None:

@@ -132,9 +132,15 @@ class Worker:
         stage = self.pipeline.stages[index]
         opened = with_retry("open stage", lambda: pipeline.open_stage(
             self.storage, self.study, self.pipeline, index))
+        warm = []
+        if stage.warm_start:  # every earlier stage is closed: the same trials for every worker
+            warm = with_retry("read warm trials", lambda: pipeline.warm_trials(
+                self.storage, self.study, self.pipeline, index, opened.carried))
+            log.info("stage %s: TPE warm-started with %d earlier trials that share its base",
+                     stage.name, len(warm))
         study = with_retry("load stage", lambda: pipeline.load_stage_study(
             self.storage, self.study, stage,
-            sampler=strategy.make_sampler(stage, seed=self.worker_id * 1_000 + index),
+            sampler=strategy.make_sampler(stage, seed=self.worker_id * 1_000 + index, warm=warm),
             pruner=strategy.make_pruner(stage),
         ))
         ctx = objective.TrialContext(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import decimal
 import difflib
+import math
 import reprlib
 from dataclasses import dataclass
 from typing import Any
@@ -216,6 +217,22 @@ def values_to_check(param: Param) -> tuple:
     if isinstance(param, IntParam) and (param.high - param.low) // param.step < _CHECK_EVERY_INT:
         return tuple(range(param.low, param.high + 1, param.step))
     return (param.low, param.high)
+
+
+def in_range(param: Param, value: Any) -> Any:
+    """`value` (already in the field's type) if `param` can take it, else ParamError: one of
+    its choices, or within its range and on its step's grid (`hpo enqueue`, warm starts)."""
+    if isinstance(param, CategoricalParam):
+        if not any(type(c) is type(value) and c == value for c in param.choices):
+            raise ParamError(f"{show(value)} is not one of {list(param.choices)}")
+        return value
+    assert isinstance(param, FloatParam | IntParam)
+    if not param.low <= value <= param.high:
+        raise ParamError(f"{show(value)} is outside the stage's range [{param.low}, {param.high}]")
+    if param.step and not math.isclose((value - param.low) / param.step,
+                                       round((value - param.low) / param.step), abs_tol=1e-9):
+        raise ParamError(f"{show(value)} is not on the grid {param.low} + k * {param.step}")
+    return value
 
 
 def _bound(name: str, key: str, value: Any) -> Any:

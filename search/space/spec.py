@@ -51,13 +51,22 @@ MAX_BYTES = 1 << 20  # a space file is a few KiB; anything near this is a mistak
 # The metrics a pipeline may optimise, with their direction: the trainer's, which keeps the
 # best epoch by the same metric (`best_metric`, set from the pipeline's metric).
 METRICS: dict[str, Direction] = METRIC_DIRECTIONS
-TOP_KEYS = ("dataset", "metric", "fixed", "stage", "confirm")
+TOP_KEYS = ("dataset", "metric", "fixed", "stage", "cycles", "joint", "ties", "confirm")
 # TrainConfig fields the worker sets for each trial, whatever a space file says: where and how a
 # trial runs, not what it computes (so they are left out of a trial's recorded configuration).
 WORKER_OWNED = ("checkpoint_dir", "device", "resume", "fault", "test")
-STAGE_KEYS = ("name", "trials", "epochs", "pruner", "sampler", "teacher", "fixed", "params")
+STAGE_KEYS = ("name", "trials", "epochs", "pruner", "sampler", "teacher", "fixed", "params",
+              "warm_start", "patience")
 CONFIRM_KEYS = ("top", "seeds", "epochs")
 CONFIRM_STAGE = "confirm"  # the name of the confirmation stage a `confirm` table adds
+# The `joint` table: a stage's keys but the ones the joint stage derives (name, params) or cannot
+# have (teacher: it searches kd_alpha only with one).
+JOINT_KEYS = ("trials", "epochs", "pruner", "sampler", "fixed", "warm_start", "patience")
+JOINT = "joint"  # the name of the joint stage
+MAX_CYCLES = 5  # passes over the stages; more is a joint search done slowly
+# Which of equal-valued complete trials is best: the earlier one (stage, then trial number), the
+# later one, or the one with the lower recorded validation loss (then the earlier).
+TIES = ("earlier", "later", "val_loss")
 # Stage names become part of Optuna study names (`<study>/<stage>`) and of folder names.
 _STAGE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -131,16 +140,27 @@ class Stage:
     teacher: str | None = None  # name of an earlier stage whose best trial is the teacher
     # The confirmation stage (`Pipeline.confirm`): its trials are the queued re-runs only.
     confirms: Confirm | None = None
+    # Seed the stage's TPE with the complete trials of earlier stages that share its base
+    # (search/db/pipeline.py `warm_trials`); nothing is written to the stage's study.
+    warm_start: bool = False
+    # Close the stage once its last `patience` finished trials did not improve its best, passing
+    # the unspent budget on to the next stage (search/db/budget.py). None: spend the budget.
+    patience: int | None = None
 
 
 @dataclass(frozen=True)
 class Pipeline:
-    """A whole space file, checked; stages run in order."""
+    """A whole space file, checked; stages run in order. `stages` is the expanded list: the
+    file's stages, then `cycles - 1` more passes over them (`<name>-<k>`), then the joint stage
+    when the file has a `joint` table."""
 
     dataset: str
     metric: str
     fixed: dict[str, Any]
     stages: tuple[Stage, ...]  # the confirmation stage, if any, last
+    cycles: int = 1
+    joint: bool = False  # the last stage before the confirmation stage is the joint stage
+    ties: str = "earlier"  # one of TIES
     confirm: Confirm | None = None
 
     @property
@@ -251,16 +271,27 @@ def parse_space(data: dict, source: str) -> Pipeline:
     stages: list[Stage] = []
     for index, raw in enumerate(raw_stages):
         stages.append(_stage(raw, index, names, stages, source))
+    cycles = count(data.get("cycles", 1), f"{source}: cycles", minimum=1)
+    if cycles > MAX_CYCLES:
+        raise SpaceError(f"{source}: cycles: at most {MAX_CYCLES}, got {cycles}; for more, search"
+                         " the parameters together (a joint table)")
+    ties = data.get("ties", "earlier")
+    if not isinstance(ties, str) or ties not in TIES:
+        raise SpaceError(f"{source}: ties: {show(ties)} is not one of {', '.join(TIES)}")
+    stages += _later_passes(stages, cycles, source)
+    if JOINT in data:
+        stages.append(_joint(data[JOINT], stages, source))
     confirm = None
     if "confirm" in data:
+        if CONFIRM_STAGE in {stage.name for stage in stages}:
+            raise SpaceError(f"{source}: stage {CONFIRM_STAGE!r}: the name is the confirmation"
+                             " stage's; rename the stage")
         confirm = _confirm(data["confirm"], stages[-1].epochs, f"{source}: confirm")
         stages.append(Stage(CONFIRM_STAGE, confirm.top * confirm.seeds,
                             confirm.epochs or stages[-1].epochs, Pruner("none"),
                             confirms=confirm))
-        if CONFIRM_STAGE in names:
-            raise SpaceError(f"{source}: stage {CONFIRM_STAGE!r}: the name is the confirmation"
-                             " stage's; rename the stage")
-    pipeline = Pipeline(dataset, metric, fixed, tuple(stages), confirm)
+    pipeline = Pipeline(dataset, metric, fixed, tuple(stages), cycles, JOINT in data, ties,
+                        confirm)
     _check_configs(pipeline, source)
     return pipeline
 
@@ -322,6 +353,12 @@ def _stage(raw: Any, index: int, names: list, done: list[Stage], source: str) ->
     sampler = Sampler(**counts(raw.get("sampler", {}), _DEFAULT_SAMPLER, f"{at}: sampler"))
     teacher = _teacher(raw.get("teacher"), name, names, done, f"{at}: teacher")
     fixed = fixed_table(raw.get("fixed", {}), f"{at}: fixed")
+    warm_start = raw.get("warm_start", False)
+    if not isinstance(warm_start, bool):
+        raise SpaceError(f"{at}: warm_start: expected true or false, got {show(warm_start)}")
+    patience = raw.get("patience")
+    if patience is not None:
+        patience = count(patience, f"{at}: patience", minimum=1)
     params_raw = raw.get("params", {})
     if not isinstance(params_raw, dict):
         raise SpaceError(f"{at}: params: expected a table, got {show(params_raw)}")
@@ -334,7 +371,48 @@ def _stage(raw: Any, index: int, names: list, done: list[Stage], source: str) ->
             raise SpaceError(f"{at}: params.{key_text(key)}: {err}") from None
         if key in fixed:
             raise SpaceError(f"{at}: params.{key}: also in this stage's fixed; keep one")
-    return Stage(name, trials, epochs, pruner, sampler, params, fixed, teacher)
+    return Stage(name, trials, epochs, pruner, sampler, params, fixed, teacher,
+                 warm_start=warm_start, patience=patience)
+
+
+def _later_passes(first: list[Stage], cycles: int, source: str) -> list[Stage]:
+    """Passes 2..cycles over the file's stages: copies named `<name>-<k>`, warm-started, a
+    teacher taken from the same pass (the teacher stage runs before its pupil in every pass)."""
+    names = {stage.name for stage in first}
+    out: list[Stage] = []
+    for k in range(2, cycles + 1):
+        for stage in first:
+            name = f"{stage.name}-{k}"
+            if not _STAGE_NAME.fullmatch(name):
+                raise SpaceError(f"{source}: cycles: pass {k} of stage {stage.name!r} would be"
+                                 f" named {name!r}, over 64 characters; shorten the stage's name")
+            if name in names:
+                raise SpaceError(f"{source}: cycles: pass {k} of stage {stage.name!r} is named"
+                                 f" {name!r}, the name of a stage in the file; rename that stage")
+            teacher = None if stage.teacher is None else f"{stage.teacher}-{k}"
+            out.append(dataclasses.replace(stage, name=name, warm_start=True, teacher=teacher))
+    return out
+
+
+def _joint(raw: Any, stages: list[Stage], source: str) -> Stage:
+    """The joint stage: every stage's params (a parameter in several: the last definition wins),
+    warm-started by default, read like a stage otherwise."""
+    at = f"{source}: {JOINT}"
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{at}: expected a table like {{ trials = 20, epochs = 10 }}, got"
+                         f" {show(raw)}")
+    no_unknown_keys(raw, JOINT_KEYS, f"{at}: ")
+    taken = [i for i, stage in enumerate(stages) if stage.name == JOINT]
+    if taken:
+        raise SpaceError(f"{at}: the joint stage is named {JOINT!r}, as is stage #{taken[0] + 1};"
+                         " rename that stage")
+    params = {key: param for stage in stages for key, param in stage.params.items()}
+    if "kd_alpha" in params:
+        raise SpaceError(f"{at}: the joint stage would search kd_alpha, but it has no teacher to"
+                         " distil from; drop the joint table, or search kd_alpha in no stage")
+    table = {"name": JOINT, "warm_start": True, **raw,
+             "params": {key: param_table(param) for key, param in params.items()}}
+    return _stage(table, len(stages), [s.name for s in stages], stages, source)
 
 
 def _teacher(value: Any, name: str, names: list, done: list[Stage], at: str) -> str | None:
@@ -412,10 +490,14 @@ def _kd_alphas(pipeline: Pipeline, stage: Stage, carried: dict[str, tuple[str, P
 
 
 def _to_data(pipeline: Pipeline) -> dict[str, Any]:
+    """The file's own shape: its stages once (not their later passes, the joint or the
+    confirmation stage), and a key the file did not need (cycles, joint, ties, warm_start,
+    patience, confirm) only when it differs
+    from its default, so the stored pipelines of older files keep their digest."""
+    searched = [stage for stage in pipeline.stages if stage.confirms is None]
+    first = searched[:(len(searched) - pipeline.joint) // pipeline.cycles]
     stages = []
-    for stage in pipeline.stages:
-        if stage.confirms is not None:
-            continue  # written as the `confirm` table
+    for stage in first:
         data: dict[str, Any] = {
             "name": stage.name,
             "trials": stage.trials,
@@ -427,15 +509,33 @@ def _to_data(pipeline: Pipeline) -> dict[str, Any]:
         }
         if stage.teacher is not None:
             data["teacher"] = f"best:{stage.teacher}"
-        stages.append(data)
-    data = {
+        stages.append(data | _stage_extras(stage, default_warm=False))
+    out: dict[str, Any] = {
         "dataset": pipeline.dataset,
         "metric": pipeline.metric,
         "fixed": dict(pipeline.fixed),
         "stage": stages,
     }
+    if pipeline.cycles != 1:
+        out["cycles"] = pipeline.cycles
+    if pipeline.ties != "earlier":
+        out["ties"] = pipeline.ties
+    if pipeline.joint:
+        joint = searched[-1]
+        out[JOINT] = {"trials": joint.trials, "epochs": joint.epochs,
+                      "pruner": joint.pruner.table(), "sampler": dataclasses.asdict(joint.sampler),
+                      "fixed": dict(joint.fixed)} | _stage_extras(joint, default_warm=True)
     if pipeline.confirm is not None:
         c = pipeline.confirm
-        data["confirm"] = {"top": c.top, "seeds": c.seeds,
-                           **({"epochs": c.epochs} if c.epochs is not None else {})}
-    return data
+        out["confirm"] = {"top": c.top, "seeds": c.seeds,
+                          **({"epochs": c.epochs} if c.epochs is not None else {})}
+    return out
+
+
+def _stage_extras(stage: Stage, default_warm: bool) -> dict[str, Any]:
+    extras: dict[str, Any] = {}
+    if stage.warm_start != default_warm:
+        extras["warm_start"] = stage.warm_start
+    if stage.patience is not None:
+        extras["patience"] = stage.patience
+    return extras

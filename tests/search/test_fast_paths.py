@@ -26,10 +26,11 @@ EPOCHS = 6
 def _study(storage: optuna.storages.RDBStorage, name: str, ours: bool) -> optuna.Study:
     tpe, median = ((algorithms.TPESampler, algorithms.MedianPruner) if ours
                    else (optuna.samplers.TPESampler, optuna.pruners.MedianPruner))
+    warm: dict[str, list] = {"warm": []} if ours else {}  # an empty warm start is no warm start
     return optuna.create_study(
         storage=storage, study_name=name, direction="maximize",
         sampler=tpe(n_startup_trials=5, multivariate=True, group=True, constant_liar=True,
-                    seed=7),
+                    seed=7, **warm),
         pruner=median(n_startup_trials=3, n_warmup_steps=1),
     )
 

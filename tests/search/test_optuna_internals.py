@@ -24,6 +24,8 @@ COLUMNS = {
     "TrialHeartbeatModel": {"trial_id", "heartbeat"},
     "TrialIntermediateValueModel": {"trial_id", "step", "intermediate_value",
                                     "intermediate_value_type"},
+    "TrialValueModel": {"trial_id", "objective", "value", "value_type"},
+    "StudyDirectionModel": {"study_id", "objective", "direction"},
 }
 
 
@@ -35,6 +37,7 @@ def _models() -> None:
         missing = columns - set(table.c.keys())
         assert not missing, f"{name} lacks columns {sorted(missing)}"
     assert callable(models.TrialIntermediateValueModel.stored_repr_to_intermediate_value)
+    assert callable(models.TrialValueModel.stored_repr_to_value)
 
 
 def _cached_storage(tmp: Path) -> None:
