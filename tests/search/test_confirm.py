@@ -96,3 +96,17 @@ def test_the_winner_is_the_best_mean_over_seeds_and_is_tested_once(
     assert "the winner's test metrics" in logs
     text = hpo("best", "c", url=storage_url, cwd=tmp_path).stdout
     assert f"{confirmed['mean']:.4f} ± {confirmed['std']:.4f}" in text, text
+
+
+def test_confirm_comes_after_the_later_passes_and_the_joint_stage() -> None:
+    stage = {"name": "lr", "trials": 2, "epochs": 3,
+             "params": {"lr": {"low": 0.01, "high": 1.0, "log": True}}}
+    pipe = parse_space({"dataset": "digits", "stage": [stage], "cycles": 2,
+                        "joint": {"trials": 2, "epochs": 5}, "confirm": {"top": 1}}, "f.toml")
+    assert [s.name for s in pipe.stages] == ["lr", "lr-2", "joint", "confirm"]
+    assert pipe.stages[-1].epochs == 5 and pipe.stages[-1].trials == 3  # the joint stage's epochs
+    again = type(pipe).from_json(pipe.to_json())
+    assert again == pipe and again.digest() == pipe.digest()
+    with pytest.raises(SpaceError, match="the name is the confirmation stage's"):
+        parse_space({"dataset": "digits", "stage": [{**stage, "name": "confirm"}],
+                     "confirm": {}}, "f.toml")
