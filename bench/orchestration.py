@@ -233,7 +233,9 @@ def cutting(shim: Shim, ask: Callable[..., Any]) -> Callable[..., Any]:
 def _module(*names: str) -> Any:
     """The first of `names` that imports: side "before" may run a tree of another layout."""
     for name in names:
-        with contextlib.suppress(ModuleNotFoundError):
+        # ImportError too: a tree of the older layout lacks search.db, and this machine's
+        # editable install may offer another tree's, which then fails to import here.
+        with contextlib.suppress(ImportError):
             return importlib.import_module(name)
     raise ModuleNotFoundError(names[0])
 
