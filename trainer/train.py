@@ -27,7 +27,7 @@ from trainer.errors import Interrupted
 from trainer.evaluate import as_test_metrics, evaluate
 from trainer.losses import balanced_weights
 from trainer.models import build_model, train_mode
-from trainer.optim import make_optimizer, set_lr
+from trainer.optim import keep_fused, make_optimizer, set_lr
 from trainer.saved_model import load_model
 from trainer.schedule import lr_at, peak_lr
 from trainer.step import FINITE_CHECK_STEPS, StepRunner
@@ -71,7 +71,8 @@ def train(
     if cfg.compile:
         compiled = compiled_for(model, rt)[0]
         model, forward = compiled.model, compiled.forward
-    optimizer = make_optimizer(model, cfg)
+    fused = rt.device.type == "cuda"  # no host sync per step for fp16's inf check (optim.py)
+    optimizer = make_optimizer(model, cfg, fused=fused)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler)
     teacher = _load_teacher(cfg, data, rt.device) if cfg.kd_alpha > 0 else None
     weight = balanced_weights(data.class_counts()).to(rt.device) if (
@@ -96,6 +97,7 @@ def train(
         _check_resumable(cfg, state["config"], ckpt_dir)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        keep_fused(optimizer, fused)
         if state["scaler"]:  # empty when saved without loss scaling, e.g. on another device
             scaler.load_state_dict(state["scaler"])
         runner.micro_batch = state["micro_batch"]
