@@ -20,9 +20,11 @@ from trainer.device import (
     NoFreeDevice,
     claim_device,
     claim_free_slot,
+    cpu_has_native_bf16,
     free_slots,
     local_devices,
     memory_fraction,
+    resolve_runtime,
     spread,
 )
 
@@ -176,3 +178,13 @@ def test_other_names_pass_through_unclaimed(tmp_path: Path) -> None:
     assert claim_device("cuda:1", str(tmp_path)) == ("cuda:1", None)
     assert claim_device("cpu", str(tmp_path)) == ("cpu", None)
     assert not tmp_path.joinpath("gpu0.lock").exists()
+
+
+def test_auto_precision_on_the_cpu_is_bf16_only_where_it_is_native() -> None:
+    # bench/cpu_bf16.py: no accuracy lost on digits over five seeds (BENCHMARKS.md).
+    caps = torch.cpu.get_capabilities()
+    assert cpu_has_native_bf16() == bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    auto = resolve_runtime("cpu", "auto")
+    assert auto.amp_dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert not auto.use_scaler and not auto.channels_last
+    assert resolve_runtime("cpu", "off").amp_dtype is None  # asked for: fp32 everywhere
