@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow test-gpu lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ test: $(STAMP) lint
 test-slow: $(STAMP)
 	bash scripts/ensure-postgres.sh
 	$(PY) -m pytest -m slow
+
+# The tests marked cuda (tests/trainer/test_cuda.py), on this machine's GPU. They need no
+# database; on a machine with only PyTorch, run scripts/gpu-check.sh instead.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -m cuda
 
 # Style, the layers of search/ (contracts in pyproject.toml) and the types.
 lint: $(STAMP)

@@ -14,8 +14,9 @@ amp="auto" (and at --amp-extra, bf16 by default), and the reference loop at fp32
 steady-state: warm-up steps and epoch boundaries are left out. Each variant runs --repeats
 rounds of a few steps, in an order that rotates every round, so a burst of load from other
 processes falls on every variant alike; the table gives images/s at the median step of all
-rounds and of the fastest round. On the CPU amp="auto" is fp32, so its two rows are one
-computation timed twice and their ratio is the run's noise, against which the verdict is made.
+rounds and of the fastest round. Where amp="auto" is fp32 (a CPU without native bf16), its two
+rows are one computation timed twice and their ratio is the run's noise, against which the
+verdict is made; where it is bf16, the noise floor alone is used.
 The machines this runs on are often shared: two OpenMP threads on two busy cores can be several
 times slower than one, so read the load average printed with the figures, trust ratios more
 than absolute numbers, and rerun with more --repeats when the noise is wide. With the defaults,

@@ -81,7 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     c = command("run", "create a study and run local workers to the end", _run)
     c.add_argument("--space", required=True, type=Path)
     c.add_argument("--study", help="study name (default: the space file's name)")
-    c.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    c.add_argument("--workers", type=int, default=1,
+                   help="worker processes (default 1); with --device auto, more workers than"
+                        " GPUs share them, ceil(workers/GPUs) per GPU, each capped at its share"
+                        " of the GPU's memory")
     c.add_argument("-v", "--verbose", action="store_true", help="per-epoch lines on screen too")
     _worker_flags(c)
     _data_check_flag(c)
@@ -164,8 +167,10 @@ def _data_check_flag(c: argparse.ArgumentParser) -> None:
 
 def _worker_flags(c: argparse.ArgumentParser) -> None:
     c.add_argument("--device", default=os.environ.get("HPO_DEVICE", "auto"),
-                   help="auto | cpu | cuda | cuda:N | cuda:free (claim a GPU no other worker on"
-                        " this host holds; default: $HPO_DEVICE, else auto)")
+                   help="auto | cpu | cuda | cuda:N | cuda:free[:K] (claim a GPU slot no other"
+                        " worker on this host holds; K workers share each GPU, each capped at 1/K"
+                        " of its memory; K defaults to $HPO_WORKERS_PER_GPU, else 1; default:"
+                        " $HPO_DEVICE, else auto)")
     c.add_argument("--artifacts", default=_default_artifacts(),
                    help="checkpoints: a folder all workers share, or s3://bucket/prefix"
                         f" (default: $HPO_ARTIFACTS, else ./{DEFAULT_ARTIFACTS})")

@@ -3,6 +3,7 @@
     python -m trainer --dataset digits --model resnet20 --epochs 10 --lr 0.1 --batch-size 128
     python -m trainer --config best.json --json       # last stdout line: the metrics as JSON
     python -m trainer --evaluate best/                 # test metrics of an exported model
+    python -m trainer --evaluate best/ --amp off       # ... in fp32, whatever it trained in
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.evaluate:
             from trainer.export import evaluate_saved
 
-            metrics = evaluate_saved(args.evaluate, device=args.device or "auto")
+            # --device and --amp apply; the rest of the config is the saved model's.
+            metrics = evaluate_saved(args.evaluate, device=args.device or "auto", amp=args.amp)
             _print_metrics(metrics, as_json=args.json)
             return 0
         cfg = _config_from(args)
@@ -56,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, help="JSON or TOML file of TrainConfig fields")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
-    p.add_argument("--evaluate", metavar="DIR", help="evaluate an exported model (dir or best.pt)")
+    p.add_argument("--evaluate", metavar="DIR",
+                   help="evaluate an exported model (dir or best.pt) at its training precision,"
+                        " or at --amp's")
     defaults = TrainConfig()
     for name in sorted(FIELD_NAMES):
         flag = "--" + name.replace("_", "-")

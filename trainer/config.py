@@ -84,7 +84,12 @@ class TrainConfig:
     # --- runtime ---
     seed: int = 0  # model init, splits, shuffling and augmentation
     device: str = "auto"  # auto | cpu | cuda | cuda:N (workers also take cuda:free)
-    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
+    # auto | off | bf16 | fp16. auto: bf16 on CUDA (fp16 where it has none) and on CPUs that
+    # compute bf16 in hardware (AVX512-BF16, AMX), else off (trainer/device.py).
+    amp: str = "auto"
+    # torch.compile the training forward (inductor); compiled once per architecture in a
+    # process, the time of that first step recorded apart as compile_seconds.
+    compile: bool = False
     eval_batch_size: int = 512
     checkpoint_dir: str = ""  # last.pt (to resume) and best.pt (the weights kept); "" = none
     # The most training time a crash can lose, in seconds: epoch checkpoints go to disk once this

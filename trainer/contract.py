@@ -84,6 +84,9 @@ class Result:
     amp: str
     checkpoint: str  # best.pt, or "" without a checkpoint_dir
     data: dict[str, Any] = field(default_factory=dict)  # the recorded split
+    # Seconds of the first step of a model compiled in this call (TrainConfig.compile), left out
+    # of images_per_sec and the epochs' epoch_seconds; 0 when eager or compiled before.
+    compile_seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, Any]:

@@ -25,7 +25,8 @@ def evaluate(
     std: Tensor,
     confusion: bool = False,
 ) -> dict[str, Any]:
-    """Mean cross entropy, top-1 and top-5 accuracy of `model` on `split` ("val" or "test")."""
+    """Mean cross entropy, top-1 and top-5 accuracy of `model` on `split` ("val" or "test").
+    No batch waits for the device: the sums stay there until the split is done."""
     model.eval()
     n, loss_sum = 0, torch.zeros((), device=rt.device)
     top1 = torch.zeros((), dtype=torch.long, device=rt.device)
@@ -42,12 +43,17 @@ def evaluate(
             top1 += topk_correct(logits, y, 1)
             top5 += topk_correct(logits, y, 5)
             if confusion:
-                matrix += torch.bincount(y * k + logits.argmax(1), minlength=k * k)
+                # index_add_, not bincount: on CUDA bincount reads the largest index on the
+                # host to size its output, a synchronisation per batch.
+                matrix.index_add_(0, y * k + logits.argmax(1), torch.ones_like(y))
             n += len(y)
+    # The totals stay on the device through the loop; the host reads them once, here.
+    loss_total, top1_total, top5_total = torch.stack(
+        [loss_sum.double(), top1.double(), top5.double()]).tolist()
     out: dict[str, Any] = {
-        "loss": loss_sum.item() / max(n, 1),
-        "acc": top1.item() / max(n, 1),
-        "top5": top5.item() / max(n, 1),
+        "loss": loss_total / max(n, 1),
+        "acc": top1_total / max(n, 1),
+        "top5": top5_total / max(n, 1),
     }
     if confusion:
         cm = matrix.view(k, k).cpu()

@@ -41,14 +41,17 @@ def export_model(best: str | Path, out: str | Path, extra: dict[str, Any] | None
     return out
 
 
-def evaluate_saved(path: str | Path, device: str = "auto") -> dict[str, Any]:
+def evaluate_saved(
+    path: str | Path, device: str = "auto", amp: str | None = None
+) -> dict[str, Any]:
     """Test metrics of a saved model on the same split it was trained with (of an ensemble
-    export: `evaluate_ensemble`)."""
+    export: `evaluate_ensemble`), at the precision it was trained with unless `amp` says."""
     if Path(path).is_dir() and _is_ensemble(Path(path)):
-        return evaluate_ensemble(path, device)
+        return evaluate_ensemble(path, device, amp)
     rt = resolve_runtime(device, "off")
     model, payload = load_model(path, rt.device)
-    cfg = with_overrides(saved_config(payload), {"device": device})
+    saved = saved_config(payload)
+    cfg = with_overrides(saved, {"device": device, "amp": amp or saved.amp})
     rt = resolve_runtime(device, cfg.amp)
     data = load_data(cfg, rt.device)
     # The model's own normalisation, as it was trained: the checkpoint's, not a recomputation.
@@ -92,15 +95,17 @@ def export_bundle(bests: list[Path], out: str | Path, members: list[dict[str, An
     return out, checks
 
 
-def evaluate_ensemble(path: str | Path, device: str = "auto") -> dict[str, Any]:
+def evaluate_ensemble(
+    path: str | Path, device: str = "auto", amp: str | None = None
+) -> dict[str, Any]:
     """Test metrics of an ensemble export and, under "single_best", of its best member alone."""
     from trainer.bundle import load_export, member_folders
 
     rt = resolve_runtime(device, "off")
     bundle = load_export(path, rt.device)
     first = member_folders(Path(path))[0]
-    cfg = with_overrides(saved_config(checkpoint.load(first / checkpoint.BEST)),
-                         {"device": device})
+    saved = saved_config(checkpoint.load(first / checkpoint.BEST))
+    cfg = with_overrides(saved, {"device": device, "amp": amp or saved.amp})
     rt = resolve_runtime(device, cfg.amp)
     data = load_data(cfg, rt.device)
     # The ServingModule normalises per member: give it plain [0, 1] pixels.
@@ -110,5 +115,5 @@ def evaluate_ensemble(path: str | Path, device: str = "auto") -> dict[str, Any]:
                     batch_size=cfg.eval_batch_size, mean=zeros, std=ones, confusion=True)
     return {
         **as_test_metrics(test), "members": len(bundle.members), "checkpoint": str(path),
-        "single_best": evaluate_saved(first, device),
+        "single_best": evaluate_saved(first, device, amp),
     }

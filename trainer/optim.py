@@ -9,11 +9,17 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.models import is_head
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, *, fused: bool = False
+) -> torch.optim.Optimizer:
     """SGD (momentum or Nesterov) or AdamW over up to four groups: {backbone, head} x {decay, not}.
 
     Each group carries `lr_mult`; `set_lr` multiplies the scheduled rate by it. Frozen parameters
     are left out entirely so they cannot move through weight decay or momentum.
+
+    `fused` (the trainer sets it on CUDA): one fused kernel per step, which also takes fp16 loss
+    scaling's inf check on the device. Unfused, `GradScaler.step` reads that check on the host
+    (`found_inf.item()`): a synchronisation every step.
     """
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
@@ -32,13 +38,23 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         for (head, decays), params in sorted(groups.items())
     ]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, lr=0.0, betas=(cfg.momentum, 0.999))
+        return torch.optim.AdamW(param_groups, lr=0.0, betas=(cfg.momentum, 0.999),
+                                 fused=fused or None)
     if cfg.optimizer == "nesterov" and cfg.momentum == 0:
         # torch would raise a bare ValueError mid-setup; this is the user's config to fix.
         raise ConfigError("momentum: nesterov needs momentum > 0; use optimizer = sgd for none")
     return torch.optim.SGD(
-        param_groups, lr=0.0, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov"
+        param_groups, lr=0.0, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov",
+        fused=fused or None,
     )
+
+
+def keep_fused(optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    """After `load_state_dict`: the groups' `fused` as this run built them. A checkpoint's groups
+    carry the flag of the device that wrote it, and a fused flag that disagrees with the
+    optimizer's construction would let GradScaler hand the unscaling to a step that skips it."""
+    for group in optimizer.param_groups:
+        group["fused"] = fused or None
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

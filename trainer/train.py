@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from trainer import checkpoint
 from trainer.augment import mean_std_tensors, resolve_pad, train_transform
+from trainer.compiled import Compiled, compiled_for
 from trainer.config import ConfigError, TrainConfig, check
 from trainer.contract import Progress, Report, Result, is_better
 from trainer.data import ImageData, load_data
@@ -25,7 +27,7 @@ from trainer.errors import Interrupted
 from trainer.evaluate import as_test_metrics, evaluate
 from trainer.losses import balanced_weights
 from trainer.models import build_model, train_mode
-from trainer.optim import make_optimizer, set_lr
+from trainer.optim import keep_fused, make_optimizer, set_lr
 from trainer.saved_model import load_model
 from trainer.schedule import lr_at, peak_lr
 from trainer.step import FINITE_CHECK_STEPS, StepRunner
@@ -34,7 +36,7 @@ from trainer.step import FINITE_CHECK_STEPS, StepRunner
 # fast the run happens, not what it computes.
 _RESUMABLE_DIFFERENCES = frozenset(
     {"device", "checkpoint_dir", "resume", "num_workers", "eval_batch_size", "fault", "download",
-     "checkpoint_seconds", "test"}
+     "checkpoint_seconds", "test", "compile"}
 )
 
 
@@ -64,13 +66,19 @@ def train(
     model = build_model(build_cfg, data.num_classes, data.in_channels).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
+    compiled: Compiled | None = None
+    forward: nn.Module = model  # what the training step calls; evaluation calls `model`
+    if cfg.compile:
+        compiled = compiled_for(model, rt)[0]
+        model, forward = compiled.model, compiled.forward
+    fused = rt.device.type == "cuda"  # no host sync per step for fp16's inf check (optim.py)
+    optimizer = make_optimizer(model, cfg, fused=fused)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler)
     teacher = _load_teacher(cfg, data, rt.device) if cfg.kd_alpha > 0 else None
     weight = balanced_weights(data.class_counts()).to(rt.device) if (
         cfg.class_weights == "balanced"
     ) else None
-    runner = StepRunner(cfg, rt, model, optimizer, scaler, teacher, weight)
+    runner = StepRunner(cfg, rt, forward, optimizer, scaler, teacher, weight)
     mean, std = mean_std_tensors(data.mean, data.std, rt.device)
 
     steps_per_epoch = data.steps_per_epoch(cfg.batch_size)
@@ -89,17 +97,19 @@ def train(
         _check_resumable(cfg, state["config"], ckpt_dir)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        keep_fused(optimizer, fused)
         if state["scaler"]:  # empty when saved without loss scaling, e.g. on another device
             scaler.load_state_dict(state["scaler"])
         runner.micro_batch = state["micro_batch"]
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
 
-    images, train_seconds = 0, 0.0
+    images, train_seconds, compile_seconds = 0, 0.0, 0.0
     for epoch in range(start_epoch, cfg.epochs):
         shuffle, augment_gen = _seed_epoch(cfg.seed, epoch, rt.device)
         train_mode(model)
         loss_sum = torch.zeros((), device=rt.device)
         seen = 0
+        epoch_compile = 0.0  # seconds of this epoch's steps that compiled (see below)
         started = time.perf_counter()
         for i, (x, y) in enumerate(data.train_batches(cfg.batch_size, shuffle)):
             step = epoch * steps_per_epoch + i
@@ -112,7 +122,15 @@ def train(
             )
             if rt.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
+            # A step whose input shape is new to the compiled module compiles (the first step of
+            # a new architecture, a new batch or micro-batch size): timed apart, with a device
+            # sync before and after, so compile time never reads as training throughput.
+            compiling = compiled is not None and compiled.first_run(
+                (*inputs.shape, runner.micro_batch))
+            step_started = _synced_clock(rt.device) if compiling else 0.0
             loss_sum += runner.step(inputs, y, epoch=epoch + 1, step=step) * len(y)
+            if compiling:
+                epoch_compile += _synced_clock(rt.device) - step_started
             seen += len(y)
             # Diverged before the epoch can be evaluated, reported or checkpointed.
             if (step + 1) % FINITE_CHECK_STEPS == 0 or i + 1 == steps_per_epoch:
@@ -126,9 +144,10 @@ def train(
                 progress(epoch + 1, i + 1, steps_per_epoch)
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)
-        epoch_seconds = time.perf_counter() - started
+        epoch_seconds = time.perf_counter() - started - epoch_compile
         images += seen
         train_seconds += epoch_seconds
+        compile_seconds += epoch_compile
         val = evaluate(model, data, "val", rt, batch_size=cfg.eval_batch_size, mean=mean, std=std)
         metrics = {
             "epoch": epoch + 1,
@@ -141,6 +160,7 @@ def train(
             "lr": lr,
             "images_per_sec": seen / max(epoch_seconds, 1e-9),
             "epoch_seconds": epoch_seconds,
+            "compile_seconds": epoch_compile,
             "peak_memory_mb": peak_memory_mb(rt.device),
             "micro_batch": runner.micro_batch,
         }
@@ -181,8 +201,15 @@ def train(
         peak_memory_mb=peak_memory_mb(rt.device), device=str(rt.device),
         amp=str(rt.amp_dtype).removeprefix("torch.") if rt.amp_dtype else "off",
         checkpoint=str(ckpt_dir / checkpoint.BEST) if ckpt_dir else "",
-        data=data.record, config=cfg.to_dict(),
+        data=data.record, config=cfg.to_dict(), compile_seconds=compile_seconds,
     )
+
+
+def _synced_clock(device: torch.device) -> float:
+    """`time.perf_counter()` once the device has finished the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _load_teacher(cfg: TrainConfig, data: ImageData, device: torch.device) -> torch.nn.Module:

@@ -42,12 +42,13 @@ def test_the_top3_ensemble_is_evaluated_beside_the_single_best(
     ranked = _ranked_trials(url)[:3]
     assert [(m["stage"], m["trial"]) for m in info["members"]] == [(s, n) for _, s, n in ranked]
 
-    run = run_module(["trainer", "--evaluate", str(folder), "--device", "cpu", "--json"],
-                     cwd=cwd)
+    # fp32, as the ensemble is computed by hand below: amp=auto may be bf16 on this CPU.
+    run = run_module(["trainer", "--evaluate", str(folder), "--device", "cpu", "--amp", "off",
+                      "--json"], cwd=cwd)
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads(run.stdout.splitlines()[-1])
     single = run_module(["trainer", "--evaluate", str(folder / "member-1"), "--device", "cpu",
-                         "--json"], cwd=cwd)
+                         "--amp", "off", "--json"], cwd=cwd)
     assert json.loads(single.stdout.splitlines()[-1])["test_acc"] == \
         metrics["single_best"]["test_acc"]
     # The ensemble's accuracy is that of the averaged softmax, computed here by hand.
@@ -65,7 +66,8 @@ def test_the_top3_ensemble_is_evaluated_beside_the_single_best(
     correct = int((probs.argmax(1) == labels).sum())
     assert round(metrics["test_acc"] * len(labels)) == correct
 
-    table = run_module(["trainer", "--evaluate", str(folder), "--device", "cpu"], cwd=cwd)
+    table = run_module(["trainer", "--evaluate", str(folder), "--device", "cpu", "--amp", "off"],
+                       cwd=cwd)
     assert table.returncode == 0, table.stderr[-2000:]
     lines = table.stdout.splitlines()
     assert "ensemble of 3" in lines[0] and "single best" in lines[0]
