@@ -1,11 +1,14 @@
-"""Search efficiency: the staged pipeline (TPE + median pruner, one stage per parameter group)
-against random search and against one joint TPE study, at equal budgets of training epochs.
+"""Search efficiency: the staged pipeline (TPE + median pruner, one stage per parameter group),
+one pass and two (cyclic), against random search, one joint TPE study with the median pruner and
+one with Hyperband, at equal budgets of training epochs.
 
-What it answers: for the same number of epochs trained on digits, which search finds the more
-accurate small ResNet, and which reaches a target validation accuracy in fewer epochs?
+What it answers: for the same number of epochs trained on a task (digits, or the offline hard
+tasks of trainer/hard_tasks.py), which search finds the more accurate small ResNet, and how many
+epochs each needs to reach random search's final mean best (the goal: a third of random's)?
 
-    .venv/bin/python bench/search_efficiency.py --quick     # ~6 minutes on an idle 2-core box
-    .venv/bin/python bench/search_efficiency.py             # full: ~40 minutes idle
+    .venv/bin/python bench/search_efficiency.py --quick     # digits, 2 seeds: ~8 minutes idle
+    .venv/bin/python bench/search_efficiency.py --quick --task digits-hard   # ~10-12 minutes
+    .venv/bin/python bench/search_efficiency.py --task digits-hard,synthetic-hard  # full, 5 seeds
     .venv/bin/python bench/search_efficiency.py --quick --workdir runs/  # keep files; rerun
                                                             # after a kill reuses finished runs
 
@@ -18,16 +21,20 @@ dropout (regularization). For each seed:
   the epochs per trial, so the first two stages never spend more than their share; pruned trials
   spend less, and the last stage gets extra trials so that it, not an idle remainder, uses what
   pruning saved. The run is then cut at the epoch budget (below).
+- **cyclic**: the same stages with `cycles = 2` (optimizer, architecture, regularization, then
+  each again, warm-started); each pass gets half of each stage's share, rounded up.
 - **random**: Optuna's RandomSampler over all ten parameters at once, no pruning.
 - **joint TPE**: one TPE study over all ten parameters with the same sampler and median-pruner
   settings as a stage of ours (multivariate, grouped, constant liar), so only the staging
   differs. Its first `startup` trials are random, as in each of our stages.
+- **hyperband**: joint TPE as above with Optuna's HyperbandPruner, epochs as the resource
+  (min_resource 1, up to the epochs per trial, reduction_factor 3).
 
 The two joint methods run in-process: an Optuna loop calling `trainer.train` on the config the
 space file gives (`search.space` + `search.runtime.objective.suggest`, the same code our worker
 samples with), so they share the trainer's data cache like a persistent worker.
 
-Accounting, identical for all three: every trained epoch counts, in the order it was trained
+Accounting, identical for all methods: every trained epoch counts, in the order it was trained
 (pruned trials count the epochs they ran). A run is cut at `--budget` epochs; the joint loops
 stop there, our pipeline's surplus epochs are discarded. **Best** is the highest validation
 accuracy of any epoch within the budget; **epochs to target** is the cumulative count of epochs
