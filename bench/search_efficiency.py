@@ -118,10 +118,11 @@ QUICK = Mode(budget=120, epochs=4, seeds=3, widths=(0.25, 0.5), target=0.95, sta
 FULL = Mode(budget=360, epochs=6, seeds=5, widths=(0.5, 1.0), target=0.985, startup=4, warmup=4,
             ladder=(0.97, 0.98, 0.985, 0.99))
 # The hard tasks (trainer/hard_tasks.py): 16x16 images, ~5,000 to train on, so an epoch of a
-# width-0.25 ResNet-20 takes 3.5-5 s on one thread of a loaded core (measured 2026-12-02 at load
-# 35), ten times digits'. Their quick modes are sized for 5 methods x 2 seeds, 2 at a time, in
-# about 10 minutes: 27 epochs a run, 3 per trial. Both need a learning rate near 1 (README), so
-# its range reaches 2; batches of 32 are left out because they double an epoch's wall time.
+# width-0.25/0.5 ResNet-20 takes 3.5-5 s on one thread (measured 2026-12-02), ten times
+# digits'. Their quick modes were meant for 5 methods x 2 seeds, 2 at a time, in about 10
+# minutes: 27 epochs a run, 3 per trial; measured, 14.7 minutes at load 2-3 (BENCHMARKS.md).
+# Both need a learning rate near 1 (README), so its range reaches 2; batches of 32 are left
+# out to keep epochs short on the CPU.
 HARD = {"lr": (0.05, 2.0), "batches": (64, 128, 256), "widths": (0.25, 0.5)}
 MODES = {
     "digits": {"quick": Mode(**{**asdict(QUICK), "seeds": 2}), "full": FULL},
