@@ -1,0 +1,76 @@
+"""The search-efficiency benchmark's accounting and report, on runs written by hand (no
+training), and the space files it writes, read by the real space loader."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import search_efficiency as se  # bench/ is not a package: imported from its folder
+
+from search.space.spec import load_space
+
+
+def test_runs_are_cut_at_the_budget_in_the_order_trained() -> None:
+    run = se.Run("tpe", 0, curve=[0.1, 0.5, 0.4, 0.9])
+    assert run.best(3) == 0.5  # the 0.9 came after the budget
+    assert run.to_target(4, 0.9) == 4
+    assert run.to_target(3, 0.9) is None
+
+
+def test_the_summary_counts_epochs_to_randoms_final_mean_best() -> None:
+    # Random's final bests are 0.6 and 0.8, so the goal is their mean, 0.7; random seed 1
+    # reaches it at epoch 4, seed 0 never (counted as the budget, 8): random's mean is 6.
+    runs = [
+        se.Run("random", 0, curve=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.6, 0.6]),
+        se.Run("random", 1, curve=[0.2, 0.3, 0.5, 0.8, 0.8, 0.8, 0.8, 0.8]),
+        se.Run("staged", 0, curve=[0.7, 0.9, 0.9, 0.9]),  # stopped early: only 4 epochs
+        se.Run("staged", 1, curve=[0.5, 0.6, 0.7, 0.75, 0.75, 0.75, 0.75, 0.75, 0.99]),
+    ]
+    goal, lines = se.efficiency(runs, ("staged", "random", "tpe"), budget=8)
+    assert goal == pytest.approx(0.7)
+    staged, random = lines  # no tpe runs: no line
+    assert (staged.method, random.method) == ("staged", "random")
+    assert random.to_random == 6 and random.reached == 1 and random.ratio == 1
+    assert staged.to_random == 2 and staged.reached == 2  # epochs 1 and 3
+    assert staged.ratio == pytest.approx(2 / 6)
+    # Best at 50% (4 epochs), 75% (6) and 100% (8), the 0.99 of epoch 9 outside the budget.
+    assert [m for m, _ in staged.best] == pytest.approx([0.825, 0.825, 0.825])
+    assert [m for m, _ in random.best] == pytest.approx([0.6, 0.7, 0.7])
+    assert random.best[2][1] == pytest.approx(0.1414, abs=1e-4)
+    mode = se.Mode(**{**asdict(se.MODES["digits"]["quick"]), "budget": 8})
+    text = "\n".join(se.efficiency_table(mode, runs, ("staged", "random")))
+    assert "random's final mean best 0.7000" in text and "0.33" in text
+
+
+def test_without_random_runs_there_is_no_goal() -> None:
+    goal, lines = se.efficiency([se.Run("tpe", 0, curve=[0.5])], ("tpe",), budget=1)
+    assert goal is None and lines[0].to_random is None and lines[0].ratio is None
+
+
+@pytest.mark.parametrize("task", se.TASKS)
+@pytest.mark.parametrize("method", se.METHODS)
+def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
+                                                          tmp_path: Path) -> None:
+    for kind in ("quick", "full"):
+        mode = se.MODES[task][kind]
+        assert se.parse_mode(json.dumps(asdict(mode))) == mode  # what a --role child reads
+        space = tmp_path / f"{kind}.toml"
+        space.write_text(se.space_text(mode, 1, method=method))
+        stages = load_space(space).stages
+        names = [s.name for s in stages]
+        if method == "staged":
+            assert names == ["optimizer", "architecture", "regularization"]
+        elif method == "cyclic":
+            assert names == ["optimizer", "architecture", "regularization", "optimizer-2",
+                             "architecture-2", "regularization-2"]
+        else:
+            assert names == ["joint"] and len(stages[0].params) == 10
+        if method in se.SERVICE:
+            # Enough trials to spend the epoch budget if nothing were pruned.
+            assert sum(s.trials * s.epochs for s in stages) >= mode.budget
