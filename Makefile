@@ -34,7 +34,8 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
-# Every benchmark in its short form (about 15 minutes on 2 idle cores); BENCHMARKS.md has the
+# Every benchmark in its short form (about 18 minutes on 2 idle cores, more now that search
+# efficiency runs five methods); BENCHMARKS.md has the
 # full commands and figures.
 bench: $(STAMP)
 	bash scripts/ensure-postgres.sh
