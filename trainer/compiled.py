@@ -40,7 +40,7 @@ class Compiled:
     key: str
     model: nn.Module  # the eager module a trial trains, evaluates and saves
     forward: nn.Module  # torch.compile(model): the same parameters
-    # (input shape, micro-batch) pairs it has run: a new one makes Dynamo compile again.
+    # (input shape, micro-batch, frozen stages) it has run: a new one makes Dynamo compile again.
     shapes: set[tuple[int, ...]] = field(default_factory=set)
     trials: int = 0  # trials that have used it, this one included
 

@@ -22,6 +22,7 @@ MODELS = tuple(f"resnet{d}" for d in CIFAR_DEPTHS + IMAGENET_DEPTHS)
 OPTIMIZERS = ("sgd", "nesterov", "adamw")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 CLASS_WEIGHTS = ("none", "balanced")
+LOSSES = ("cross_entropy", "focal")
 LOADERS = ("auto", "memory", "stream")
 
 
@@ -54,6 +55,9 @@ class TrainConfig:
     small_stem: bool = True  # torchvision nets: 3x3 stride-1 stem, no max-pool (for <= 64 px)
     pretrained: str = ""  # "" | path to a state dict | "torchvision:<WEIGHTS>" e.g. IMAGENET1K_V2
     freeze_stages: int = 0  # first k of (stem, stage1..stage4) kept fixed, BN stats included
+    # Gradual unfreezing: every this many epochs the deepest still-frozen stage trains again
+    # (stage k-1 first, the stem last); 0 = the first freeze_stages stay frozen throughout.
+    unfreeze_every: int = 0
     backbone_lr_mult: float = 1.0  # learning rate of everything but the head, as a fraction
 
     # --- optimisation ---
@@ -69,6 +73,10 @@ class TrainConfig:
     weight_decay: float = 5e-4  # decoupled for AdamW; never applied to norms and biases
     label_smoothing: float = 0.0
     class_weights: str = "none"  # none | balanced (inverse class frequency of the train split)
+    # cross_entropy | focal: -sum_c w_c q_c (1 - p_c)^gamma log p_c over the smoothed target q
+    # and class weights w (losses.focal_loss); gamma = 0 is cross entropy.
+    loss: str = "cross_entropy"
+    focal_gamma: float = 2.0  # focal's exponent; read only when loss = focal
     grad_clip: float = 0.0  # max global gradient norm, 0 = off
     # The epoch whose weights are kept (best.pt, the test metrics, Result's val_*): the best by
     # this validation metric, in its direction (contract.METRIC_DIRECTIONS); a tie keeps the
@@ -113,6 +121,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": OPTIMIZERS,
     "amp": AMP_MODES,
     "class_weights": CLASS_WEIGHTS,
+    "loss": LOSSES,
     "loader": LOADERS,
     "best_metric": tuple(METRIC_DIRECTIONS),
 }
@@ -129,6 +138,7 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "se_reduction": (1, 1024, True, True),
     "dropout": (0.0, 1.0, True, False),
     "freeze_stages": (0, 5, True, True),
+    "unfreeze_every": (0, 100_000, True, True),
     "backbone_lr_mult": (0.0, math.inf, True, False),
     "epochs": (1, 100_000, True, True),
     "batch_size": (1, 1 << 20, True, True),
@@ -139,6 +149,7 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "momentum": (0.0, 1.0, True, False),
     "weight_decay": (0.0, math.inf, True, False),
     "label_smoothing": (0.0, 1.0, True, False),
+    "focal_gamma": (0.0, math.inf, True, False),
     "grad_clip": (0.0, math.inf, True, False),
     "kd_temperature": (0.0, math.inf, False, False),
     "kd_alpha": (0.0, 1.0, True, True),
@@ -243,5 +254,10 @@ def check(cfg: TrainConfig) -> None:
                 f"pretrained: torchvision weights exist only for resnet18/34/50/101/152,"
                 f" not {cfg.model}"
             )
+    if cfg.unfreeze_every > 0 and cfg.freeze_stages == 0:
+        raise ConfigError(
+            f"unfreeze_every: {cfg.unfreeze_every} unfreezes frozen stages, but freeze_stages is 0;"
+            " set freeze_stages > 0, or unfreeze_every = 0"
+        )
     if cfg.kd_alpha > 0 and not cfg.teacher:
         raise ConfigError("kd_alpha: distillation needs a teacher checkpoint (teacher = ...)")

@@ -145,11 +145,24 @@ def model_stages(model: nn.Module) -> list[nn.Module]:
 
 
 def freeze(model: nn.Module, k: int) -> None:
-    """Stop gradients to the first k stages and have `train_mode` keep them in eval mode."""
-    for stage in model_stages(model)[:k]:
+    """Stop gradients to the first k stages and have `train_mode` keep them in eval mode; the
+    stages after them train. Called again with a smaller k (gradual unfreezing), it thaws."""
+    for i, stage in enumerate(model_stages(model)):
         for p in stage.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(i >= k)
     setattr(getattr(model, "_orig_mod", model), FROZEN_ATTR, k)
+
+
+def frozen_at(epoch: int, freeze_stages: int, unfreeze_every: int) -> int:
+    """How many stages are frozen while epoch `epoch` (counted from 0) trains.
+
+    Gradual unfreezing thaws from the top: after every `unfreeze_every` epochs the deepest
+    frozen stage (the one nearest the head, whose features are the most task-specific) trains
+    again, the stem last. A pure function of the epoch, so a resumed run freezes what the
+    uninterrupted run froze."""
+    if unfreeze_every == 0:
+        return freeze_stages
+    return max(0, freeze_stages - epoch // unfreeze_every)
 
 
 def train_mode(model: nn.Module) -> None:

@@ -15,7 +15,11 @@ def make_optimizer(
     """SGD (momentum or Nesterov) or AdamW over up to four groups: {backbone, head} x {decay, not}.
 
     Each group carries `lr_mult`; `set_lr` multiplies the scheduled rate by it. Frozen parameters
-    are left out entirely so they cannot move through weight decay or momentum.
+    are left out entirely so they cannot move through weight decay or momentum, unless
+    `cfg.unfreeze_every` thaws them later: then they sit in their groups from the start (so the
+    groups, and a checkpoint's optimizer state, are the same at every epoch) and stay put while
+    frozen because their gradient is None, which torch's optimizers skip: no decay, no momentum,
+    no state until their first gradient.
 
     `fused` (the trainer sets it on CUDA): one fused kernel per step, which also takes fp16 loss
     scaling's inf check on the device. Unfused, `GradScaler.step` reads that check on the host
@@ -23,7 +27,7 @@ def make_optimizer(
     """
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad and not cfg.unfreeze_every:
             continue
         # 1-d tensors are norm scales/shifts and biases: decaying them only fights the norm.
         decays = param.ndim > 1

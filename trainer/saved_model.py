@@ -31,7 +31,7 @@ def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, dict[
     facts = payload["data"]
     # The weights in the file replace any init, so pretrained sources must not be fetched again.
     model = build_model(
-        with_overrides(cfg, {"pretrained": "", "freeze_stages": 0}),
+        with_overrides(cfg, {"pretrained": "", "freeze_stages": 0, "unfreeze_every": 0}),
         facts["num_classes"],
         facts["in_channels"],
     )

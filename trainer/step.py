@@ -1,10 +1,10 @@
 """One optimizer step, split into micro-batches, that falls back to smaller ones on OOM.
 
 The effective batch never changes: each micro-batch's loss is weighted by its share of the batch
-(its images' share for the distillation term; its class weights' share for the cross entropy,
-which a weighted mean normalises by total weight, not image count), and the gradients summed, so
-a step on 4 x 32 images equals a step on 128 images up to float rounding and BatchNorm's
-per-micro-batch statistics.
+(its images' share for the distillation term; its class weights' share for the hard-label loss,
+cross entropy or focal, which a weighted mean normalises by total weight, not image count), and
+the gradients summed, so a step on 4 x 32 images equals a step on 128 images up to float rounding
+and BatchNorm's per-micro-batch statistics.
 
 No step waits for the device: the loss stays there, and so does the record of the first step
 whose loss was not finite. The host reads that record (one sync) only in `check_finite`, which
@@ -43,6 +43,8 @@ class StepRunner:
         self.scaler, self.teacher, self.class_weight = scaler, teacher, class_weight
         self.micro_batch = cfg.batch_size // cfg.accum_steps  # shrinks for good after an OOM
         self.fault = fault_of(cfg)
+        # Focal loss replaces the hard-label term only; distillation's soft term is unchanged.
+        self.focal_gamma = cfg.focal_gamma if cfg.loss == "focal" else None
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         # The first non-finite loss and its (epoch, step), on the device; step -1: none yet.
         device = rt.device
@@ -107,7 +109,8 @@ class StepRunner:
             share = len(yb) / total
             hard_share = (share if weight is None or weight_total is None
                           else weight[yb].sum() / weight_total)
-            hard = hard_loss(logits, yb, label_smoothing=self.cfg.label_smoothing, weight=weight)
+            hard = hard_loss(logits, yb, label_smoothing=self.cfg.label_smoothing, weight=weight,
+                             focal_gamma=self.focal_gamma)
             loss = (1.0 - alpha) * hard_share * hard
             if teacher_logits is not None:
                 soft = soft_loss(logits, teacher_logits, temperature=self.cfg.kd_temperature)

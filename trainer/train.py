@@ -26,7 +26,7 @@ from trainer.device import peak_memory_mb, resolve_runtime
 from trainer.errors import Interrupted
 from trainer.evaluate import as_test_metrics, evaluate
 from trainer.losses import balanced_weights
-from trainer.models import build_model, train_mode
+from trainer.models import build_model, freeze, frozen_at, train_mode
 from trainer.optim import keep_fused, make_optimizer, set_lr
 from trainer.saved_model import load_model
 from trainer.schedule import lr_at, peak_lr
@@ -106,6 +106,10 @@ def train(
     images, train_seconds, compile_seconds = 0, 0.0, 0.0
     for epoch in range(start_epoch, cfg.epochs):
         shuffle, augment_gen = _seed_epoch(cfg.seed, epoch, rt.device)
+        # Gradual unfreezing follows the epoch alone (resumed runs included). Set every epoch,
+        # also without it: a cached compiled module may come thawed from an earlier trial.
+        frozen = frozen_at(epoch, cfg.freeze_stages, cfg.unfreeze_every)
+        freeze(model, frozen)
         train_mode(model)
         loss_sum = torch.zeros((), device=rt.device)
         seen = 0
@@ -125,8 +129,9 @@ def train(
             # A step whose input shape is new to the compiled module compiles (the first step of
             # a new architecture, a new batch or micro-batch size): timed apart, with a device
             # sync before and after, so compile time never reads as training throughput.
+            # Thawing a stage changes what Dynamo guards on (requires_grad, BN mode): it compiles.
             compiling = compiled is not None and compiled.first_run(
-                (*inputs.shape, runner.micro_batch))
+                (*inputs.shape, runner.micro_batch, frozen))
             step_started = _synced_clock(rt.device) if compiling else 0.0
             loss_sum += runner.step(inputs, y, epoch=epoch + 1, step=step) * len(y)
             if compiling:
@@ -163,6 +168,7 @@ def train(
             "compile_seconds": epoch_compile,
             "peak_memory_mb": peak_memory_mb(rt.device),
             "micro_batch": runner.micro_batch,
+            "frozen_stages": frozen,
         }
         history.append(metrics)
         key = cfg.best_metric

@@ -214,6 +214,12 @@ BAD = [
         top="[fixed]\naccum_steps = 4\nbatch_size = 64",
         params="batch_size = { low = 16, high = 64 }"),
      ["stage 'optimizer'", "params.batch_size", "17", "accum_steps"]),
+    ("unfreezing without frozen stages", space(params="unfreeze_every = { low = 0, high = 3 }"),
+     ["stage 'optimizer'", "params.unfreeze_every", "1", "freeze_stages"]),
+    ("unknown loss", space(params='loss = { choices = ["focal", "dice"] }'),
+     ["stage 'optimizer'", "params.loss", "choices[1]", "dice", "cross_entropy"]),
+    ("negative focal gamma", space(params="focal_gamma = { low = -1.0, high = 3.0 }"),
+     ["stage 'optimizer'", "params.focal_gamma", "low", "outside"]),
 ]
 
 
@@ -358,6 +364,22 @@ def test_distribution_maps_each_param_to_its_optuna_distribution(
     expected: FloatDistribution | IntDistribution | CategoricalDistribution,
 ) -> None:
     assert distribution(param) == expected
+
+
+def test_focal_loss_and_gradual_unfreezing_are_searchable(tmp_path: Path) -> None:
+    # unfreeze_every needs frozen stages in every trial: freeze_stages fixed for the stage.
+    text = space(stage="[stage.fixed]\nfreeze_stages = 2",
+                 params='loss = { choices = ["cross_entropy", "focal"] }\n'
+                        "focal_gamma = { low = 0.0, high = 5.0 }\n"
+                        "unfreeze_every = { low = 0, high = 3 }")
+    stage = load_space(write(tmp_path, text)).stages[0]
+    assert stage.params["loss"] == CategoricalParam(("cross_entropy", "focal"))
+    assert stage.params["focal_gamma"] == FloatParam(0.0, 5.0)
+    assert stage.params["unfreeze_every"] == IntParam(0, 3)
+    trial = {**stage.fixed, "loss": "focal", "focal_gamma": 1.5, "unfreeze_every": 2}
+    cfg = with_overrides(TrainConfig(), trial)
+    assert (cfg.loss, cfg.focal_gamma, cfg.freeze_stages, cfg.unfreeze_every) == (
+        "focal", 1.5, 2, 2)
 
 
 def test_base_config_layers_fixed_carried_stage_fixed_and_epochs() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from trainer.__main__ import main
+from trainer.__main__ import _config_from, _parser, main
 from trainer.export import export_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,6 +102,14 @@ def test_config_file_is_read_and_flags_override_it(
     assert len(metrics["history"]) == 1
 
 
+def test_focal_loss_and_unfreezing_flags_set_their_fields() -> None:
+    args = _parser().parse_args(["--loss", "focal", "--focal-gamma", "1.5", "--freeze-stages", "2",
+                                 "--unfreeze-every", "3"])
+    config = _config_from(args)
+    assert (config.loss, config.focal_gamma) == ("focal", 1.5)
+    assert (config.freeze_stages, config.unfreeze_every) == (2, 3)
+
+
 def _write(tmp_path: Path, name: str, text: str) -> str:
     (tmp_path / name).write_text(text)
     return name
@@ -132,6 +140,12 @@ BAD_INPUT = {
     "missing file": (lambda d: ["--config", "absent.toml"], ["absent.toml"]),
     "unknown model": (lambda d: [*SMALL, "--model", "resnet7"], ["model", "resnet7"]),
     "flag out of range": (lambda d: ["--epochs", "0"], ["epochs"]),
+    "unknown loss": (lambda d: ["--loss", "focall"], ["loss", "focall", "cross_entropy, focal"]),
+    "negative focal gamma": (lambda d: ["--focal-gamma=-0.5"], ["focal_gamma", "-0.5"]),
+    "negative unfreeze_every": (lambda d: ["--freeze-stages", "2", "--unfreeze-every=-1"],
+                                ["unfreeze_every", "-1"]),
+    "unfreezing without frozen stages": (lambda d: ["--unfreeze-every", "2"],
+                                         ["unfreeze_every", "freeze_stages is 0"]),
     "not a validation metric": (lambda d: ["--best-metric", "test_acc"],
                                 ["best_metric", "test_acc", "val_loss"]),
     "nothing to evaluate": (lambda d: ["--evaluate", str(d)], ["best.pt", "does not exist"]),

@@ -63,6 +63,35 @@ def test_compiled_training_matches_eager_and_a_second_trial_reuses_it() -> None:
     assert second.val_acc >= 0.85
 
 
+def test_gradual_unfreezing_compiles_each_frozen_state_once_and_resets_the_cache() -> None:
+    # Thawing a stage changes what the compiled graph depends on (requires_grad, BN mode): the
+    # step after it compiles, timed apart; the next trial reuses both graphs, and starts with its
+    # stem frozen again although the cached module ended the last trial thawed.
+    compiled.clear_cache()
+    config = replace(FAST, epochs=2, compile=True, freeze_stages=1, unfreeze_every=1)
+    first = train(config)
+    assert [h["frozen_stages"] for h in first.history] == [1, 0]
+    assert all(h["compile_seconds"] > 0 for h in first.history)
+    (entry,) = compiled._cache.values()
+    assert all(p.requires_grad for p in entry.model.parameters())  # thawed at the end
+    graphs = _graphs()
+
+    second_config = replace(config, seed=1)
+    torch.manual_seed(second_config.seed)
+    initial = build_model(second_config, 10, 1).state_dict()
+    stem: dict[str, torch.Tensor] = {}
+
+    def after_epoch_one(epoch: int, _: object) -> None:
+        if epoch == 1:
+            stem.update({k: v.clone() for k, v in entry.model.state_dict().items()
+                         if k.startswith(("conv1.", "bn1."))})
+
+    second = train(second_config, report=after_epoch_one)
+    assert second.compile_seconds == 0.0 and _graphs() == graphs
+    assert stem and all(torch.equal(v, initial[k]) for k, v in stem.items())
+    compiled.clear_cache()
+
+
 def test_a_model_of_a_cached_architecture_hands_its_weights_to_the_cached_module() -> None:
     compiled.clear_cache()
     torch.manual_seed(0)

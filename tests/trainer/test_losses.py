@@ -1,4 +1,5 @@
-"""Contracts of `trainer.losses`: cross entropy with smoothing and class weights, distillation's
+"""Contracts of `trainer.losses`: cross entropy with smoothing and class weights, focal loss
+(cross entropy at gamma 0, the written-out formula, down-weighting of easy images), distillation's
 weighting and T^2 scaling (values and gradients), balanced class weights and top-k counting."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.losses import balanced_weights, hard_loss, kd_loss, topk_correct
+from trainer.losses import balanced_weights, focal_loss, hard_loss, kd_loss, soft_loss, topk_correct
 
 N, K = 16, 10
 
@@ -47,6 +48,99 @@ def test_class_weights_match_weighted_cross_entropy() -> None:
     s, w = logits(2), torch.linspace(0.5, 2.0, K)
     expected = F.cross_entropy(s, LABELS, weight=w)
     assert torch.allclose(hard_loss(s, LABELS, label_smoothing=0.0, weight=w), expected)
+
+
+WEIGHT = torch.linspace(0.2, 5.0, K)  # far from uniform, so a misplaced weight would show
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.4])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_focal_at_gamma_zero_is_cross_entropy_values_and_gradients(
+    smoothing: float, weighted: bool
+) -> None:
+    weight = WEIGHT if weighted else None
+    s_focal, s_ce = logits(13).requires_grad_(), logits(13).requires_grad_()
+    focal = focal_loss(s_focal, LABELS, gamma=0.0, label_smoothing=smoothing, weight=weight)
+    ce = F.cross_entropy(s_ce, LABELS, weight=weight, label_smoothing=smoothing)
+    focal.backward()
+    ce.backward()
+    assert s_focal.grad is not None and s_ce.grad is not None
+    assert focal.item() == pytest.approx(ce.item(), rel=1e-6)
+    assert torch.allclose(s_focal.grad, s_ce.grad, rtol=1e-5, atol=1e-8)
+    # The same through the trainer's entry point, which the step calls.
+    via_hard = hard_loss(s_ce.detach(), LABELS, label_smoothing=smoothing, weight=weight,
+                         focal_gamma=0.0)
+    assert via_hard.item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 2.0, 5.0])
+@pytest.mark.parametrize(("smoothing", "weighted"), [(0.0, False), (0.1, False), (0.1, True)])
+def test_focal_is_the_written_out_formula(gamma: float, smoothing: float, weighted: bool) -> None:
+    # -sum_c w_c q_c (1 - p_c)^gamma log p_c per row, summed and divided by the labels' total
+    # weight (the row count without weights), in float64 from the definition.
+    s = logits(14)
+    p = torch.softmax(s.double(), dim=1)
+    q = torch.full((N, K), smoothing / K, dtype=torch.float64)
+    q[torch.arange(N), LABELS] += 1 - smoothing
+    w = WEIGHT.double() if weighted else torch.ones(K, dtype=torch.float64)
+    expected = -(w * q * (1 - p) ** gamma * p.log()).sum() / w[LABELS].sum()
+    got = focal_loss(s, LABELS, gamma=gamma, label_smoothing=smoothing,
+                     weight=WEIGHT if weighted else None)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_focal_scales_each_image_by_its_miss_probability_to_the_gamma() -> None:
+    # Without smoothing each row's focal loss is (1 - p_label)^gamma times its cross entropy:
+    # never more, and far less for the images the model already gets right.
+    s, gamma = logits(15), 2.0
+    per_row_ce = F.cross_entropy(s, LABELS, reduction="none")
+    per_row_focal = torch.stack([
+        focal_loss(s[i : i + 1], LABELS[i : i + 1], gamma=gamma) for i in range(N)
+    ])  # fmt: skip
+    p_label = torch.softmax(s, dim=1)[torch.arange(N), LABELS]
+    assert torch.allclose(per_row_focal, (1 - p_label) ** gamma * per_row_ce, rtol=1e-4)
+    assert (per_row_focal <= per_row_ce).all()
+
+
+def test_focal_gradient_shifts_weight_from_easy_to_hard_images() -> None:
+    # One easy image (label logit far ahead) and one hard (label logit behind): the share of
+    # the total gradient norm that the hard image gets grows from cross entropy to focal.
+    s = torch.tensor([[6.0, 0.0, 0.0], [0.0, 1.5, 0.0]])
+    y = torch.tensor([0, 0])
+
+    def hard_share(gamma: float | None) -> float:
+        x = s.clone().requires_grad_()
+        hard_loss(x, y, label_smoothing=0.0, focal_gamma=gamma).backward()
+        assert x.grad is not None
+        easy, hard = x.grad.norm(dim=1).tolist()
+        return hard / (easy + hard)
+
+    ce, focal = hard_share(None), hard_share(2.0)
+    assert focal > ce
+    assert focal > 0.999  # (1 - p)^2 with p ~ 0.995 leaves the easy image ~2.5e-5 of its pull
+
+
+@pytest.mark.parametrize("gamma", [0.25, 2.0])
+def test_focal_gradient_is_finite_where_the_softmax_saturates(gamma: float) -> None:
+    # float32 rounds p to exactly 1 at a margin of ~100; d/dx x^gamma at x = 0 is infinite for
+    # gamma < 1, and the loss must not turn a confident image into a NaN step.
+    s = torch.tensor([[200.0, 0.0, -50.0], [0.0, 3.0, 1.0]], requires_grad=True)
+    y = torch.tensor([0, 2])
+    loss = focal_loss(s, y, gamma=gamma, label_smoothing=0.1, weight=torch.tensor([1.0, 2, 3]))
+    loss.backward()
+    assert s.grad is not None
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_with_distillation_focal_replaces_only_the_hard_term(alpha: float) -> None:
+    s, t, temperature = logits(16), logits(17), 3.0
+    focal = focal_loss(s, LABELS, gamma=2.0, label_smoothing=0.1, weight=WEIGHT)
+    soft = soft_loss(s, t, temperature=temperature)
+    got = kd_loss(s, t, LABELS, temperature=temperature, alpha=alpha, label_smoothing=0.1,
+                  weight=WEIGHT, focal_gamma=2.0)
+    assert got.item() == pytest.approx(((1 - alpha) * focal + alpha * soft).item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])

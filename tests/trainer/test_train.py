@@ -404,6 +404,7 @@ def _teacher() -> torch.nn.Module:
 # Far from uniform, so that normalising a micro-batch by its own weight would show.
 CLASS_WEIGHT = torch.linspace(0.2, 5.0, 10)
 KD = {"teacher": "in-memory", "kd_alpha": 0.5, "kd_temperature": 3.0}
+FOCAL = {"loss": "focal", "focal_gamma": 2.0, "label_smoothing": 0.1}
 # (loss fields, whether a teacher and class weights are given, fields that split the batch,
 #  the micro-batch that results)
 STEP_CASES = {
@@ -413,6 +414,8 @@ STEP_CASES = {
     "weighted": ({}, False, True, {"accum_steps": 4}, 8),
     "smoothed weighted": ({"label_smoothing": 0.1}, False, True, {"accum_steps": 4}, 8),
     "distilled weighted": ({**KD, "label_smoothing": 0.1}, True, True, {"accum_steps": 4}, 8),
+    "focal smoothed weighted": (FOCAL, False, True, {"accum_steps": 4}, 8),
+    "focal distilled weighted": ({**KD, **FOCAL}, True, True, {"accum_steps": 4}, 8),
 }
 
 
@@ -436,14 +439,21 @@ def test_micro_batches_take_the_same_first_step(case: str) -> None:
     assert moved > 20  # the step changed the model, so the comparison means something
 
 
-def test_the_step_minimises_the_loss_it_was_configured_with() -> None:
+@pytest.mark.parametrize("focal_gamma", [None, 2.0])
+def test_the_step_minimises_the_loss_it_was_configured_with(focal_gamma: float | None) -> None:
     x, y = _digits_batch()
     teacher = _teacher()
-    runner = _runner(cfg(**KD, label_smoothing=0.1), teacher, CLASS_WEIGHT)
+    loss = {} if focal_gamma is None else {"loss": "focal", "focal_gamma": focal_gamma}
+    runner = _runner(cfg(**KD, **loss, label_smoothing=0.1), teacher, CLASS_WEIGHT)
     with torch.no_grad():
         expected = kd_loss(runner.model(x), teacher(x), y, temperature=3.0, alpha=0.5,
-                           label_smoothing=0.1, weight=CLASS_WEIGHT)
-    assert torch.allclose(runner.step(x, y, epoch=1, step=0), expected, rtol=1e-6)
+                           label_smoothing=0.1, weight=CLASS_WEIGHT, focal_gamma=focal_gamma)
+        plain = kd_loss(runner.model(x), teacher(x), y, temperature=3.0, alpha=0.5,
+                        label_smoothing=0.1, weight=CLASS_WEIGHT)
+    got = runner.step(x, y, epoch=1, step=0)
+    assert torch.allclose(got, expected, rtol=1e-6)
+    if focal_gamma is not None:  # the focal hard term is smaller: the check tells them apart
+        assert got < plain
 
 
 # --- pretrained, frozen stages, distillation -------------------------------------------------
