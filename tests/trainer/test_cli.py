@@ -132,6 +132,7 @@ BAD_INPUT = {
     "missing file": (lambda d: ["--config", "absent.toml"], ["absent.toml"]),
     "unknown model": (lambda d: [*SMALL, "--model", "resnet7"], ["model", "resnet7"]),
     "flag out of range": (lambda d: ["--epochs", "0"], ["epochs"]),
+    "negative patience": (lambda d: ["--early-stop-patience", "-1"], ["early_stop_patience"]),
     "not a validation metric": (lambda d: ["--best-metric", "test_acc"],
                                 ["best_metric", "test_acc", "val_loss"]),
     "nothing to evaluate": (lambda d: ["--evaluate", str(d)], ["best.pt", "does not exist"]),
