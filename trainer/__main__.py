@@ -120,12 +120,17 @@ def _print_metrics(metrics: dict[str, Any], *, as_json: bool) -> None:
         if key in metrics:
             value = metrics[key]
             print(f"{key:>16}: {value:.4f}" if isinstance(value, float) else f"{key:>16}: {value}")
+    if metrics.get("stopped_epoch") is not None:
+        print(f"{'stopped_epoch':>16}: {metrics['stopped_epoch']} (early stopping)")
 
 
 def _print_epoch(epoch: int, m: dict[str, Any]) -> None:
+    grad = "" if m.get("grad_norm_mean") is None else (
+        f"  grad_norm {m['grad_norm_mean']:.3g} (max {m['grad_norm_max']:.3g})")
     print(
         f"epoch {epoch}: train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}"
-        f"  val_acc {m['val_acc']:.4f}  {m['images_per_sec']:.0f} img/s",
+        f"  val_acc {m['val_acc']:.4f}{grad}  {m['images_per_sec']:.0f} img/s"
+        + ("  (early stopping: no better epoch in the patience)" if m.get("early_stop") else ""),
         file=sys.stderr,
     )
 

@@ -83,6 +83,9 @@ class TrainConfig:
     # earlier epoch. A search sets it to its own metric, so the weights it keeps are the ones
     # its objective scored.
     best_metric: str = "val_acc"  # val_acc | val_top5 | val_loss
+    # Early stopping, in epochs: the run ends once this many epochs in a row did not beat the
+    # best by best_metric (the best epoch's weights are kept, as at a normal end); 0 = off.
+    early_stop_patience: int = 0
 
     # --- distillation ---
     teacher: str = ""  # path to a checkpoint written by this trainer (best.pt), "" = off
@@ -151,6 +154,7 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "label_smoothing": (0.0, 1.0, True, False),
     "focal_gamma": (0.0, math.inf, True, False),
     "grad_clip": (0.0, math.inf, True, False),
+    "early_stop_patience": (0, 100_000, True, True),
     "kd_temperature": (0.0, math.inf, False, False),
     "kd_alpha": (0.0, 1.0, True, True),
     "eval_batch_size": (1, 1 << 20, True, True),

@@ -39,6 +39,7 @@ __all__ = [
     "Result",
     "TrainError",
     "is_better",
+    "stops_early",
 ]
 
 # The files of a checkpoint_dir: `last.pt` is what a resumed run starts from, `best.pt` the
@@ -88,6 +89,9 @@ class Result:
     # of images_per_sec and the epochs' epoch_seconds; 0 when eager or compiled before.
     compile_seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
+    # The epoch after which early stopping (TrainConfig.early_stop_patience) ended training,
+    # short of the configured epochs; None when the run trained every epoch.
+    stopped_epoch: int | None = None
 
     def metrics(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -98,3 +102,11 @@ def is_better(metric: str, value: float, than: float) -> bool:
     if METRIC_DIRECTIONS[metric] == "maximize":
         return value > than
     return value < than
+
+
+def stops_early(patience: int, epoch: int, best_epoch: int, epochs: int) -> bool:
+    """Whether early stopping ends a run after `epoch` (counted from 1): it is on (`patience` >
+    0), the last `patience` epochs did not beat the best one (`best_epoch`, the latest epoch
+    that was better than every one before it), and epochs were left to train. A pure rule of
+    the recorded history, so a resumed run counts on from its checkpoint."""
+    return 0 < patience <= epoch - best_epoch and epoch < epochs

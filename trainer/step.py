@@ -9,6 +9,10 @@ and BatchNorm's per-micro-batch statistics.
 No step waits for the device: the loss stays there, and so does the record of the first step
 whose loss was not finite. The host reads that record (one sync) only in `check_finite`, which
 the loop calls every `FINITE_CHECK_STEPS` steps and at each epoch's last step.
+
+Each step also measures the global L2 norm of the gradient it applies (of the accumulated
+micro-batches, unscaled, before clipping: what `grad_clip` compares with), summed and maxed on
+the device; `take_grad_norms` reads them once per epoch.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ class StepRunner:
         self._bad_epoch = torch.full((), -1, dtype=torch.long, device=device)
         self._bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self._bad_loss = torch.zeros((), device=device)
+        # Gradient norms since the last `take_grad_norms`: sum, max and count of the finite ones.
+        self._norm_stats = torch.zeros(3, device=device)
 
     def step(self, x: Tensor, y: Tensor, *, epoch: int, step: int) -> Tensor:
         """Train on one batch; returns its mean loss, a device tensor not yet read by the host.
@@ -74,9 +80,15 @@ class StepRunner:
         self._bad_epoch = torch.where(first, epoch, self._bad_epoch)
         self._bad_step = torch.where(first, step, self._bad_step)
         self._bad_loss = torch.where(first, loss, self._bad_loss)
-        if self.cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        # Unscaled first (a no-op without fp16 loss scaling): the norm is of the true gradient.
+        # GradScaler.step then skips its own unscale, and the fused step keeps its inf check.
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.grad_clip > 0:  # the clip computes the norm anyway, and returns it pre-clip
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params
+                                                  if p.grad is not None])
+        self._record_norm(norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss
@@ -88,6 +100,24 @@ class StepRunner:
         if step >= 0:
             self.optimizer.zero_grad(set_to_none=True)
             raise Diverged(int(self._bad_epoch), step, float(self._bad_loss))
+
+    def take_grad_norms(self) -> tuple[float | None, float | None]:
+        """(mean, max) of the steps' gradient norms since the last call, and a fresh start; one
+        read of the device. Steps whose gradient was not finite are left out: under fp16 loss
+        scaling they are the overflows GradScaler skips; otherwise the loss diverged, which
+        `check_finite` reports. (None, None) when no step had a finite gradient."""
+        total, peak, count = self._norm_stats.tolist()
+        self._norm_stats.zero_()
+        return (total / count, peak) if count else (None, None)
+
+    def _record_norm(self, norm: Tensor) -> None:
+        norm = norm.detach().float().to(self._norm_stats.device)
+        finite = torch.isfinite(norm)
+        value = torch.where(finite, norm, torch.zeros_like(norm))
+        stats = self._norm_stats  # updated in place on the device: no step waits for the host
+        stats[0] += value
+        stats[1] = torch.maximum(stats[1], value)
+        stats[2] += finite.float()
 
     def _accumulate(self, x: Tensor, y: Tensor, step: int) -> Tensor:
         """Backward of `kd_loss` over the whole batch, one micro-batch at a time; returns it."""

@@ -20,7 +20,7 @@ from trainer import checkpoint
 from trainer.augment import mean_std_tensors, resolve_pad, train_transform
 from trainer.compiled import Compiled, compiled_for
 from trainer.config import ConfigError, TrainConfig, check
-from trainer.contract import Progress, Report, Result, is_better
+from trainer.contract import Progress, Report, Result, is_better, stops_early
 from trainer.data import ImageData, load_data
 from trainer.device import peak_memory_mb, resolve_runtime
 from trainer.errors import Interrupted
@@ -103,8 +103,12 @@ def train(
         runner.micro_batch = state["micro_batch"]
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
 
+    # Early stopping ends the loop after the epoch that spent the patience. A run resumed from
+    # that epoch's checkpoint (stopped after it, before it returned) trains no further.
+    stopped = start_epoch if best is not None and stops_early(
+        cfg.early_stop_patience, start_epoch, best["epoch"], cfg.epochs) else None
     images, train_seconds, compile_seconds = 0, 0.0, 0.0
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, cfg.epochs if stopped is None else start_epoch):
         shuffle, augment_gen = _seed_epoch(cfg.seed, epoch, rt.device)
         # Gradual unfreezing follows the epoch alone (resumed runs included). Set every epoch,
         # also without it: a cached compiled module may come thawed from an earlier trial.
@@ -154,6 +158,7 @@ def train(
         train_seconds += epoch_seconds
         compile_seconds += epoch_compile
         val = evaluate(model, data, "val", rt, batch_size=cfg.eval_batch_size, mean=mean, std=std)
+        grad_mean, grad_max = runner.take_grad_norms()
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss_sum.item() / max(seen, 1),
@@ -169,12 +174,19 @@ def train(
             "peak_memory_mb": peak_memory_mb(rt.device),
             "micro_batch": runner.micro_batch,
             "frozen_stages": frozen,
+            # Global L2 norm of each step's gradient, unscaled and before clipping (step.py).
+            "grad_norm_mean": grad_mean,
+            "grad_norm_max": grad_max,
         }
         history.append(metrics)
         key = cfg.best_metric
         improved = best is None or is_better(key, metrics[key], best[key])
         if improved:
             best = metrics
+        assert best is not None
+        # Recorded on the epoch, so a caller (a search's pruner) knows it is the run's last.
+        metrics["early_stop"] = stops_early(cfg.early_stop_patience, epoch + 1, best["epoch"],
+                                            cfg.epochs)
         ckpts.epoch({
             "config": cfg.to_dict(), "epoch": epoch + 1, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -182,13 +194,16 @@ def train(
         }, {
             "config": cfg.to_dict(), "epoch": epoch + 1, "model": model.state_dict(),
             "metrics": metrics, "data": facts,
-        } if improved else None, final=epoch + 1 == cfg.epochs)
+        } if improved else None, final=epoch + 1 == cfg.epochs or metrics["early_stop"])
         if report is not None:
             try:
                 report(epoch + 1, metrics)
             except Interrupted:
                 ckpts.flush()  # the trial is handed back: it resumes from this epoch
                 raise
+        if metrics["early_stop"]:
+            stopped = epoch + 1
+            break
 
     assert best is not None  # epochs >= 1 is enforced by check()
     if ckpts.best_model is not None:
@@ -208,6 +223,7 @@ def train(
         amp=str(rt.amp_dtype).removeprefix("torch.") if rt.amp_dtype else "off",
         checkpoint=str(ckpt_dir / checkpoint.BEST) if ckpt_dir else "",
         data=data.record, config=cfg.to_dict(), compile_seconds=compile_seconds,
+        stopped_epoch=stopped,
     )
 
 

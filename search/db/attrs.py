@@ -12,3 +12,9 @@ CONFIGURATION = "hpo:configuration"
 CANDIDATE = "candidate"
 # study user attr of the last stage: the winner's test metrics, computed once (`results.best`)
 WINNER_TEST = "winner_test"
+# user attr of a trial that early stopping ended (TrainConfig.early_stop_patience): the epoch
+# after which it stopped, short of the stage's epochs; absent for a trial that trained them all
+EARLY_STOPPED = "early_stopped"
+# user attr of a complete trial: {"mean", "max"} of its steps' gradient norms (before clipping)
+# over every epoch it trained; the per-epoch figures are in its "epochs" attribute
+GRAD_NORM = "grad_norm"

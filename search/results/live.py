@@ -192,11 +192,13 @@ def _best_text(s: StageView) -> str:
 
 
 def _outcomes(s: StageView) -> str:
-    """'complete 5, median pruner 2, error 1; 6 epochs saved'."""
-    counts = ", ".join(f"{k} {n}" for k, n in sorted(s.reasons.items(),
-                                                     key=lambda kv: kv[0] != "complete"))
-    saved = f"; {s.epochs_saved} epoch{'s' if s.epochs_saved > 1 else ''} saved" \
-        if s.epochs_saved else ""
+    """'complete 5 (2 early stopped), median pruner 2, error 1; 6 epochs saved'."""
+    counts = ", ".join(
+        f"{k} {n}" + (f" ({s.early_stopped} early stopped)" if k == "complete" and
+                      s.early_stopped else "")
+        for k, n in sorted(s.reasons.items(), key=lambda kv: kv[0] != "complete"))
+    epochs = s.epochs_saved + s.epochs_early_stopped
+    saved = f"; {epochs} epoch{'s' if epochs > 1 else ''} saved" if epochs else ""
     return counts + saved
 
 

@@ -1,7 +1,8 @@
-"""What pruning and staging saved, and how fast the search got where it did: the epochs trained
-against the epochs a search without pruning or deduplication would have spent, and the best
-validation metric so far against cumulative training epochs (time to accuracy), per stage and for
-the pipeline. Read from a `snapshot.Snapshot`, which has every trial already."""
+"""What pruning, early stopping and staging saved, and how fast the search got where it did: the
+epochs trained against the epochs a search without pruning or deduplication would have spent
+(and of those saved, the pruner's and early stopping's shares), and the best validation metric
+so far against cumulative training epochs (time to accuracy), per stage and for the pipeline.
+Read from a `snapshot.Snapshot`, which has every trial already."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ class Savings:
     # What a search of the same budget without pruning or deduplication trains: every one of
     # its `budget` trials for all of the stage's epochs.
     without: int
+    by_pruning: int = 0  # epochs the pruned trials did not train
+    # Epochs the complete trials that early stopping ended did not train, and how many trials.
+    by_early_stop: int = 0
+    early_stopped: int = 0
 
     @property
     def saved(self) -> int:
@@ -44,10 +49,12 @@ def trained_epochs(trial: FrozenTrial) -> int:
 
 def savings(snap: Snapshot, pipe: Pipeline) -> list[Savings]:
     out = []
-    for stage in pipe.stages:
+    for stage, view in zip(pipe.stages, snap.stages, strict=True):
         trials = [t for (s, _), t in snap.trials.items() if s == stage.name]
         out.append(Savings(stage.name, sum(trained_epochs(t) for t in trials),
-                           stage.trials * stage.epochs))
+                           stage.trials * stage.epochs, by_pruning=view.epochs_saved,
+                           by_early_stop=view.epochs_early_stopped,
+                           early_stopped=view.early_stopped))
     return out
 
 

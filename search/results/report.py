@@ -1,10 +1,12 @@
 """`hpo report`: one self-contained HTML file about a staged study, readable offline.
 
-The page holds a summary table per stage, Optuna's plots per stage (optimization history,
-intermediate values, parameter importances, parallel coordinates) and the best trial's test
-metrics with its confusion matrix. plotly.js is embedded once in the head, so the file opens
-without a network; every figure after it is a div and a call to `Plotly.newPlot`. Text from the
-database is escaped; plotly escapes what it puts in its JSON itself.
+The page holds a summary table per stage, what pruning and early stopping saved, the gradient
+norms (per trial and epoch in each stage, and by model depth: `gradients.py`), Optuna's plots per
+stage (optimization history, intermediate values, parameter importances, parallel coordinates)
+and the best trial's test metrics with its confusion matrix. plotly.js is embedded once in the
+head, so the file opens without a network; every figure after it is a div and a call to
+`Plotly.newPlot`. Text from the database is escaped; plotly escapes what it puts in its JSON
+itself.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 
 from search.db import pipeline
-from search.results import progress, snapshot
+from search.results import gradients, progress, snapshot
 from search.results.best import StageStatus, best, stage_status
 from search.space.spec import Pipeline, Stage
 from trainer.config import ConfigError
@@ -71,6 +73,7 @@ def write_report(
 def render(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> str:
     """The whole page as a string."""
     statuses = stage_status(storage, name, pipe)
+    snap = snapshot.read(storage, name, pipe)
     title = f"{name}: {pipe.metric} ({pipe.direction})"
     parts = [
         f"<h1>Study {_esc(title)}</h1>",
@@ -78,8 +81,11 @@ def render(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline) -> st
         f" <b>{_esc(pipe.metric)}</b> ({_esc(pipe.direction)}).</p>",
         "<h2>Stages</h2>",
         _summary(name, statuses),
-        '<section id="savings">\n<h2>What pruning and staging saved</h2>',
-        _savings_section(snapshot.read(storage, name, pipe), pipe),
+        '<section id="savings">\n<h2>What pruning, early stopping and staging saved</h2>',
+        _savings_section(snap, pipe),
+        "</section>",
+        '<section id="gradients">\n<h2>Gradient norm by model depth</h2>',
+        _gradients_section(snap),
         "</section>",
         '<section id="best">\n<h2>Best model</h2>',
         _best_section(storage, name, pipe, statuses),
@@ -119,10 +125,14 @@ def _summary(name: str, statuses: list[StageStatus]) -> str:
 
 def _savings_section(snap: snapshot.Snapshot, pipe: Pipeline) -> str:
     saved = progress.savings(snap, pipe)
-    rows = [[_esc(s.stage), str(s.trained), str(s.without), str(s.saved)] for s in saved]
+    rows = [[_esc(s.stage), str(s.trained), str(s.without), str(s.saved), str(s.by_pruning),
+             _early(s.by_early_stop, s.early_stopped)] for s in saved]
     trained, without = sum(s.trained for s in saved), sum(s.without for s in saved)
-    rows.append(["<b>pipeline</b>", str(trained), str(without), str(max(0, without - trained))])
-    out = [_table(["stage", "epochs trained", "without pruning or deduplication", "saved"], rows)]
+    rows.append(["<b>pipeline</b>", str(trained), str(without), str(max(0, without - trained)),
+                 str(sum(s.by_pruning for s in saved)),
+                 _early(sum(s.by_early_stop for s in saved), sum(s.early_stopped for s in saved))])
+    out = [_table(["stage", "epochs trained", "without pruning or deduplication", "saved",
+                   "of which by pruning", "of which by early stopping"], rows)]
     curves = [c for c in progress.curves(snap, pipe) if c.best]
     if not curves:
         out.append(_note("Not drawn: no trial has completed yet."))
@@ -138,6 +148,24 @@ def _savings_section(snap: snapshot.Snapshot, pipe: Pipeline) -> str:
                       yaxis={"title": f"best {pipe.metric} so far"})
     out += ["<h3>Time to accuracy</h3>", _figure(fig)]
     return "\n".join(out)
+
+
+def _early(epochs: int, trials: int) -> str:
+    """'12 (3 trials)': epochs early stopping saved, in how many trials."""
+    return f"{epochs} ({trials} trial{'' if trials == 1 else 's'})" if trials else "0"
+
+
+def _gradients_section(snap: snapshot.Snapshot) -> str:
+    fig = gradients.depth_figure([(s, t) for (s, _), t in snap.trials.items()])
+    if fig is None:
+        return _note("Not drawn: no finished trial has recorded gradient norms yet.")
+    return "\n".join([
+        _figure(fig),
+        _note("Each point is a finished trial's global gradient norm (before clipping), averaged"
+              " over its steps. Trials of different depths differ in their other parameters too"
+              " (learning rate, width, epochs trained), so this shows what the search did, not"
+              " the effect of depth alone."),
+    ])
 
 
 def _best_section(
@@ -235,6 +263,12 @@ def _stage_section(
     for heading, drawable, reason, plot in plots:
         out.append(f"<h3>{_esc(heading)}</h3>")
         out.append(_plot(study, plot) if drawable else _note(f"Not drawn: {reason}."))
+        if plot is vis.plot_intermediate_values:  # the per-trial curves: norms beside them
+            out.append("<h3>Gradient norm per epoch</h3>")
+            norms = gradients.curves_figure(trials, f"Gradient norm per epoch, {stage.name}"
+                                            " (before clipping)")
+            out.append(_figure(norms) if norms is not None else _note(
+                "Not drawn: no trial has recorded gradient norms yet."))
     out.append("</section>")
     return "\n".join(out)
 

@@ -1,7 +1,8 @@
 """One read of a pipeline's progress, for the live view, `hpo status` and the end-of-run summary:
 per stage its budget and trials by outcome with the reasons (median pruner, out of memory,
-divergence, error, a worker lost, a trial handed back), epochs saved by pruning, the best trial,
-the running trials with their epoch, and an ETA from the durations of the finished trials.
+divergence, error, a worker lost, a trial handed back), epochs saved by pruning and by early
+stopping, the best trial, the running trials with their epoch, and an ETA from the durations of
+the finished trials.
 
 The running trials come from Optuna's tables, not from the workers' rows: a trial's reported
 epochs are written as they happen, while a worker's row is refreshed only with its heartbeat.
@@ -18,7 +19,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search.db import budget, pipeline, registry
-from search.db.attrs import RETRY_OF
+from search.db.attrs import EARLY_STOPPED, RETRY_OF
 from search.db.storage import GRACE_SECONDS
 from search.space.spec import Pipeline, Stage
 
@@ -60,6 +61,8 @@ class StageView:
     failed_why: Counter[str] = field(default_factory=Counter)  # of the failed ones
     errors: Counter[str] = field(default_factory=Counter)  # error message -> trials
     epochs_saved: int = 0  # epochs the pruned trials did not train
+    early_stopped: int = 0  # complete trials that early stopping ended before their last epoch
+    epochs_early_stopped: int = 0  # epochs those did not train
     durations: list[float] = field(default_factory=list)  # of complete and pruned trials
     retried_as: dict[int, int] = field(default_factory=dict)  # trial -> the retry queued for it
     handed_back_trials: list[int] = field(default_factory=list)
@@ -204,6 +207,10 @@ def _count(view: StageView, t: FrozenTrial, stage: Stage, direction: str) -> Non
         if t.value is not None and (view.best_value is None or sign * t.value > sign *
                                     view.best_value):
             view.best_value, view.best_trial = t.value, t.number
+        stopped = t.user_attrs.get(EARLY_STOPPED)
+        if stopped is not None:
+            view.early_stopped += 1
+            view.epochs_early_stopped += max(0, epochs - int(stopped))
     elif t.state == TrialState.PRUNED:
         view.pruned += 1
         view.pruned_why[kind] += 1
@@ -221,9 +228,13 @@ def _count(view: StageView, t: FrozenTrial, stage: Stage, direction: str) -> Non
 
 
 def reasons_line(s: StageView) -> str:
-    """Why trials of a stage did not complete: 'pruned 2 (median pruner 1, out of memory 1);
-    failed 1 (error: ValueError: ...); handed back 1 (resumed as #7)'. Empty when all did."""
+    """Why trials of a stage did not complete, or not all their epochs: 'early stopped 2 (5
+    epochs saved); pruned 2 (median pruner 1, out of memory 1); failed 1 (error: ValueError:
+    ...); handed back 1 (resumed as #7)'. Empty when all completed every epoch."""
     parts = []
+    if s.early_stopped:
+        n = s.epochs_early_stopped
+        parts.append(f"early stopped {s.early_stopped} ({n} epoch{'' if n == 1 else 's'} saved)")
     if s.pruned:
         why = ", ".join(f"{k} {n}" for k, n in sorted(s.pruned_why.items()))
         parts.append(f"pruned {s.pruned} ({why}; {s.epochs_saved} epochs saved)")

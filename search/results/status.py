@@ -33,6 +33,9 @@ def status_dict(
             # (search/results/snapshot.py).
             "outcomes": dict(view.reasons), "handed_back": view.handed_back,
             "epochs_saved": view.epochs_saved, "why": snapshot.reasons_line(view),
+            # Complete trials that early stopping ended, and the epochs they did not train.
+            "early_stopped": view.early_stopped,
+            "epochs_early_stopped": view.epochs_early_stopped,
             "stage": s.name, "budget": s.budget, "complete": c.complete, "pruned": c.pruned,
             "failed": c.failed, "running": c.running, "waiting": c.waiting,
             "best_value": s.best_value, "best_trial": s.best_trial, "carried": s.carried,
@@ -84,7 +87,7 @@ def print_status(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline)
     trained = sum(s["epochs_trained"] for s in info["stages"])
     without = sum(s["epochs_without"] for s in info["stages"])
     print(f"  epochs: {trained} trained; {without} without pruning or deduplication"
-          f" ({max(0, without - trained)} saved)")
+          f" ({max(0, without - trained)} saved{_shares(info['stages'])})")
     whole = info["time_to_accuracy"]["pipeline"]
     if whole["best"]:
         curve = progress.Curve("pipeline", whole["epochs"], whole["best"])
@@ -114,6 +117,18 @@ def print_status(storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline)
                          (f"{w['current']} epoch {w['epoch']}" if "epoch" in w
                           else w["current"] or "-")))
         table(rows)
+
+
+def _shares(stages: list[dict[str, Any]]) -> str:
+    """'; pruning 300, early stopping 120 in 4 trials': the parts of the saving the pruner and
+    early stopping made (the rest is deduplication and budgets left unspent), where non-zero."""
+    pruned = sum(s["epochs_saved"] for s in stages)
+    stopped = sum(s["epochs_early_stopped"] for s in stages)
+    trials = sum(s["early_stopped"] for s in stages)
+    parts = [f"pruning {pruned}"] if pruned else []
+    if trials:
+        parts.append(f"early stopping {stopped} in {trials} trial{'s' if trials > 1 else ''}")
+    return f"; {', '.join(parts)}" if parts else ""
 
 
 def table(rows: Sequence[tuple[str, ...]]) -> None:

@@ -90,6 +90,9 @@ def run_summary(
                                                    key=lambda kv: kv[0] != "complete")]
         if s.epochs_saved:
             counts.append(f"{plural(s.epochs_saved, 'epoch')} saved by pruning")
+        if s.early_stopped:
+            counts.append(f"{plural(s.epochs_early_stopped, 'epoch')} saved by early stopping"
+                          f" ({plural(s.early_stopped, 'trial')})")
         lines.append(f"  {s.name.ljust(width)}  {s.finished}/{s.budget}  {best}"
                      f"  {', '.join(counts) or 'no trial yet'}")
     if info is not None:

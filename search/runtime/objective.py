@@ -22,7 +22,7 @@ from optuna.artifacts import upload_artifact
 from search.artifacts import Artifacts
 from search.db import optuna_private as op
 from search.db import writes
-from search.db.attrs import CANDIDATE
+from search.db.attrs import CANDIDATE, EARLY_STOPPED, GRAD_NORM
 from search.db.storage import with_retry
 from search.runtime.outcome import Duplicate
 from search.runtime.retry import root_number
@@ -188,8 +188,10 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
         with_retry("report", lambda: trial.report(metrics[metric], epoch))
         if stop.is_set():
             raise Interrupted(epoch)
-        # After the last epoch the run is complete: pruning it would only throw its result away.
-        if epoch < cfg.epochs and with_retry("should_prune", trial.should_prune):
+        # After the last epoch (the configured last, or the one early stopping ends the run at)
+        # the run is complete: pruning it would only throw its result away.
+        last = epoch == cfg.epochs or bool(metrics.get("early_stop"))
+        if not last and with_retry("should_prune", trial.should_prune):
             raise optuna.TrialPruned(f"pruned at epoch {epoch}: {metric} {metrics[metric]:.4f}")
         if time.monotonic() - written[1] >= EPOCHS_WRITE_SECONDS:
             write_epochs()
@@ -204,6 +206,10 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
             write_epochs()
         raise
     best_epoch = result.history[result.best_epoch - 1]
+    if result.stopped_epoch is not None:
+        log.info("stage %s trial %d: early stopping after epoch %d of %d (best epoch %d)",
+                 ctx.stage.name, trial.number, result.stopped_epoch, cfg.epochs,
+                 result.best_epoch)
     with _named(Path(result.checkpoint), f"{ctx.study}-{ctx.stage.name}-trial{trial.number}.pt") \
             as upload:
         artifact = upload_once(trial, ctx.artifacts.optuna_store(), str(upload))
@@ -218,8 +224,21 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
         "checkpoint": ctx.artifacts.ref(result.checkpoint),
         "checkpoint_artifact": artifact,
         "split": result.data,
+        **({EARLY_STOPPED: result.stopped_epoch} if result.stopped_epoch is not None else {}),
+        **({GRAD_NORM: norms} if (norms := grad_norm_summary(result.history)) else {}),
     })
     return float(best_epoch[metric]), result
+
+
+def grad_norm_summary(history: list[dict[str, Any]]) -> dict[str, float] | None:
+    """{"mean", "max"} of the gradient norms over the epochs of `history` that recorded them, for
+    the dashboard's trial attributes (epochs have equal step counts, so the mean of their means
+    is the steps' mean); None when none did (a stub trainer, a checkpoint from before them)."""
+    means = [h["grad_norm_mean"] for h in history if h.get("grad_norm_mean") is not None]
+    peaks = [h["grad_norm_max"] for h in history if h.get("grad_norm_max") is not None]
+    if not means or not peaks:
+        return None
+    return {"mean": sum(means) / len(means), "max": max(peaks)}
 
 
 @contextlib.contextmanager

@@ -43,6 +43,13 @@ def test_report_of_a_finished_study_is_self_contained(
         section = _section(page, f"stage-{stage}")
         history = section.split("<h3>Optimization history</h3>", 1)[1].split("<h3>", 1)[0]
         assert "Plotly.newPlot" in history and "Optimization History Plot" in history
+        # Every trial's gradient norm per epoch (the trainer records them), beside its curves.
+        norms = section.split("<h3>Gradient norm per epoch</h3>", 1)[1].split("<h3>", 1)[0]
+        assert "Plotly.newPlot" in norms and f"Gradient norm per epoch, {stage}" in norms
+    # Each finished trial's mean gradient norm by model depth: this study trains resnet20 only.
+    by_depth = _section(page, "gradients")
+    assert "Plotly.newPlot" in by_depth and '"type":"box"' in by_depth
+    assert '"name":"resnet20"' in by_depth and "not the effect of depth alone" in by_depth
 
     storage = open_storage(url)
     info = best(storage, "done", pipeline.load(storage, "done"))

@@ -165,6 +165,8 @@ BAD = [
      ["stage 'optimizer'", "params.lr", "also in this stage's fixed"]),
     ("stage fixed illegal", space(stage="[stage.fixed]\nmomentum = 1.0"),
      ["stage 'optimizer'", "fixed.momentum", "outside"]),
+    ("patience below zero", space(params="early_stop_patience = { low = -1, high = 3 }"),
+     ["stage 'optimizer'", "params.early_stop_patience", "-1", "outside"]),
     ("trials zero", space(trials="0"), ["stage 'optimizer'", "trials", "at least 1"]),
     ("trials string", space(trials='"4"'), ["stage 'optimizer'", "trials", "expected an integer"]),
     ("trials bool", space(trials="true"), ["stage 'optimizer'", "trials", "expected an integer"]),

@@ -146,6 +146,7 @@ BAD_INPUT = {
                                 ["unfreeze_every", "-1"]),
     "unfreezing without frozen stages": (lambda d: ["--unfreeze-every", "2"],
                                          ["unfreeze_every", "freeze_stages is 0"]),
+    "negative patience": (lambda d: ["--early-stop-patience", "-1"], ["early_stop_patience"]),
     "not a validation metric": (lambda d: ["--best-metric", "test_acc"],
                                 ["best_metric", "test_acc", "val_loss"]),
     "nothing to evaluate": (lambda d: ["--evaluate", str(d)], ["best.pt", "does not exist"]),
