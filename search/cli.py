@@ -129,6 +129,12 @@ def _parser() -> argparse.ArgumentParser:
     _top_flag(c, "an ensemble averaging their softmax")
     c.add_argument("--format", default="pytorch",
                    help="pytorch (always written), torchscript, onnx, comma-separated, or all")
+    c.add_argument("--quantize", choices=("int8",),
+                   help="also write model.int8.onnx (static int8, calibrated on the train split;"
+                        " implies onnx) and print its test accuracy beside fp32's")
+    c.add_argument("--max-accuracy-drop", type=float, default=0.01,
+                   help="refuse the int8 model if it loses more test accuracy than this"
+                        " fraction (default 0.01: one point)")
 
     c = command("serve", "a prediction web page and JSON API for the best trial(s)", _serve)
     c.add_argument("study")

@@ -68,16 +68,26 @@ def _is_ensemble(folder: Path) -> bool:
 
 
 def export_bundle(bests: list[Path], out: str | Path, members: list[dict[str, Any]],
-                  formats: list[str]) -> tuple[Path, dict[str, Any]]:
+                  formats: list[str], quantize: str | None = None,
+                  max_drop: float = 0.01) -> tuple[Path, dict[str, Any]]:
     """One model (a single `bests`) or an ensemble that averages the members' softmax, plus the
-    portable `formats` (trainer.portable). Everything is loaded and checked before anything is
-    written. Returns the folder and the portable checks."""
+    portable `formats` (trainer.portable) and, with `quantize="int8"`, the int8 ONNX model
+    (trainer.quantize; it implies the fp32 ONNX file, which it is measured against). Everything
+    is loaded and checked before anything is written. Returns the folder and the checks."""
     from trainer.bundle import CONFIG, ENSEMBLE, from_checkpoints
-    from trainer.portable import portable_files
+    from trainer.portable import FILES, portable_files
+    from trainer.quantize import check_max_drop, check_mode, int8_file
 
+    check_mode(quantize)
+    check_max_drop(max_drop)
+    if quantize and "onnx" not in formats:
+        formats = [*formats, "onnx"]
     bundle = from_checkpoints(bests, members)  # refuses members of different data
     cfg = saved_config(checkpoint.load(bests[0]))
     files, checks = portable_files(bundle, cfg, formats)
+    if quantize:
+        model, check = int8_file(bundle, files[FILES["onnx"]], cfg, max_drop)
+        files[check["file"]], checks[quantize] = model, check
     out = Path(out)
     if len(bests) == 1:
         export_model(bests[0], out, extra={**members[0], **({"exports": checks} if checks else {})})

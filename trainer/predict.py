@@ -98,7 +98,11 @@ class Predictor:
         self.bundle = bundle
         self.runtime = runtime
         self._session: Any = None
-        if runtime == "onnx":
+        if runtime == "int8" and onnx_model is None:
+            # Quantizing needs calibration images of the model's data, which a Bundle lacks.
+            raise ValueError("the int8 runtime needs the quantized model's bytes"
+                             " (trainer.quantize.int8_file, or an export's model.int8.onnx)")
+        if runtime in ("onnx", "int8"):
             import onnxruntime as ort
 
             from trainer.portable import onnx_bytes

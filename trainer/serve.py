@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 # Kept here, not in trainer.predict, so `hpo`'s parser can take these flags without torch.
 MAX_PIXELS = 40_000_000  # width x height; a decompression bomb is refused before decoding
-RUNTIMES = ("torch", "onnx")
+RUNTIMES = ("torch", "onnx", "int8")
 MAX_UPLOAD = 10 * 1024 * 1024
 DEFAULT_THRESHOLD = 0.7
 DEFAULT_PORT = 8000
@@ -195,7 +195,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    help="top probability under which the answer is 'unknown' (default"
                         f" {DEFAULT_THRESHOLD}; the page has a field for it)")
     p.add_argument("--runtime", choices=RUNTIMES, default="torch",
-                   help="torch (PyTorch eager) or onnx (ONNX Runtime)")
+                   help="torch (PyTorch eager), onnx (ONNX Runtime) or int8 (ONNX Runtime,"
+                        " the model quantized by `hpo export --quantize int8`)")
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD / 2**20,
                    help="largest upload accepted (default 10)")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
@@ -217,6 +218,22 @@ def start(bundle: Any, args: argparse.Namespace, onnx_model: bytes | None = None
                  max_upload=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels)
 
 
+def _exported_model(folder: Path, runtime: str) -> bytes | None:
+    """The checked file `hpo export` wrote for `runtime`: model.onnx (else the model is
+    converted in memory at start-up) or model.int8.onnx (required: quantizing needs the
+    training data, which an export folder does not carry)."""
+    from trainer.portable import FILES
+    from trainer.quantize import FILE
+
+    if runtime == "int8":
+        if not (folder / FILE).is_file():
+            raise ConfigError(f"{folder} has no {FILE}: export it with `hpo export STUDY"
+                              " --quantize int8`, or serve another --runtime")
+        return (folder / FILE).read_bytes()
+    onnx_file = folder / FILES["onnx"]
+    return onnx_file.read_bytes() if runtime == "onnx" and onnx_file.is_file() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.serve",
                                 description="Serve an exported model (hpo export) over HTTP.")
@@ -225,16 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         from trainer.bundle import load_export
-        from trainer.portable import FILES
 
         check_threshold(args.threshold)
         bundle = load_export(args.export)
-        onnx_file = args.export / FILES["onnx"]
-        # The checked file from `hpo export --format onnx` when there is one; else the model is
-        # converted in memory at start-up.
-        onnx_model = onnx_file.read_bytes() if args.runtime == "onnx" and onnx_file.is_file() \
-            else None
-        return start(bundle, args, onnx_model)
+        return start(bundle, args, _exported_model(args.export, args.runtime))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

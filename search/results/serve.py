@@ -69,7 +69,8 @@ def export(storage: optuna.storages.RDBStorage, pipe: Pipeline, args: argparse.N
     formats = parse_formats(args.format)
     trials = top_trials(storage, args.study, pipe, args.top)
     paths, members = _checkpoints(trials, args.artifacts)
-    out, checks = export_bundle(paths, args.out, members, formats)
+    out, checks = export_bundle(paths, args.out, members, formats, args.quantize,
+                                args.max_accuracy_drop)
     what = (f"trial {members[0]['trial']} of stage {members[0]['stage']!r}" if len(members) == 1
             else "an ensemble of trials " + ", ".join(f"{m['stage']}#{m['trial']}"
                                                      for m in members))
@@ -80,6 +81,9 @@ def export(storage: optuna.storages.RDBStorage, pipe: Pipeline, args: argparse.N
                           if k.startswith("test_") and isinstance(v, float))
         print(f"  test (evaluated once, for the winner): {shown}")
     for name, c in checks.items():
+        if name == "int8":
+            print(f"  {c['file']}: {quantized_line(c)} [int8]")
+            continue
         print(f"  {c['file']}: matches PyTorch on {c['images']} test images (largest probability"
               f" difference {c['max_abs_diff']:.1e}, tolerance {c['tolerance']:.0e}; top-1"
               f" agrees on {c['top1_agree']}) [{name}]")
@@ -96,4 +100,26 @@ def serve(storage: optuna.storages.RDBStorage, pipe: Pipeline, args: argparse.Na
     paths, members = _checkpoints(top_trials(storage, args.study, pipe, args.top),
                                   args.artifacts)
     bundle = from_checkpoints(paths, members)
-    return start(bundle, args)
+    model = None
+    if args.runtime == "int8":
+        from trainer import checkpoint
+        from trainer.portable import onnx_bytes
+        from trainer.quantize import CALIBRATION_IMAGES, labelled, quantize
+        from trainer.saved_model import saved_config
+
+        # As `hpo export --quantize int8` calibrates, but unchecked: the export measures the
+        # int8 model's test accuracy (once) and refuses one that loses too much.
+        cfg = saved_config(checkpoint.load(paths[0]))
+        model = quantize(onnx_bytes(bundle.module), labelled(cfg, "train", CALIBRATION_IMAGES)[0])
+        print(f"quantized to int8 on {CALIBRATION_IMAGES} train images (not checked: `hpo"
+              " export --quantize int8` measures its test accuracy)", flush=True)
+    return start(bundle, args, model)
+
+
+def quantized_line(c: dict[str, Any]) -> str:
+    """The int8 check of an export as one line: both accuracies, agreement, both sizes."""
+    return (f"test accuracy {100 * c['int8_test_accuracy']:.2f}% int8 against"
+            f" {100 * c['fp32_test_accuracy']:.2f}% fp32 on {c['images']} test images (top-1"
+            f" agrees on {c['top1_agree']}); {c['int8_bytes'] / 1e6:.2f} MB against"
+            f" {c['fp32_bytes'] / 1e6:.2f} MB fp32 ({c['fp32_bytes'] / c['int8_bytes']:.1f}x"
+            " smaller)")
