@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) bench/orchestration.py --quick
 	$(PY) bench/search_efficiency.py --quick
 	$(PY) bench/serve_latency.py
+	$(PY) bench/int8_export.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache hpo-artifacts *.db
