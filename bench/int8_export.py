@@ -59,8 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def trained(name: str, folder: Path, threads: int) -> Path:
     dataset, size, model, width, epochs, lr, batch = MODELS[name]
-    cfg = TrainConfig(dataset=dataset, image_size=size, model=model, width=width, epochs=epochs, lr=lr,
-                      batch_size=batch, device="cpu", amp="bf16", seed=0,
+    cfg = TrainConfig(dataset=dataset, image_size=size, model=model, width=width, epochs=epochs,
+                      lr=lr, batch_size=batch, device="cpu", amp="bf16", seed=0,
                       checkpoint_dir=str(folder), num_workers=0 if threads == 1 else 2)
     train(cfg)
     return folder / "best.pt"
