@@ -4,8 +4,9 @@ split against the fp32 model before it is kept.
 Static quantization, QDQ format: weights int8 per output channel, activations uint8 with scales
 calibrated on images of the model's own train split (never the test split, which only measures
 the result). BatchNorm is folded into the convolutions first (ONNX Runtime's pre-processing), so
-a ResNet becomes int8 convolutions with fp32 only at the edges. The file is about a quarter of
-the fp32 one; on CPUs with int8 dot-product units it also runs faster.
+a ResNet becomes int8 convolutions with fp32 only at the edges. The file is 2.3-3.3x smaller than
+the fp32 one on the models of BENCHMARKS.md (nearer 4x as models grow); on CPUs with int8
+dot-product units it also runs faster.
 
 Quantization changes predictions, so unlike the fp32 formats it is not held to a probability
 tolerance: `check` measures test accuracy of both and their top-1 agreement, and an int8 model
@@ -44,13 +45,18 @@ def check_max_drop(value: float) -> None:
 
 
 def labelled(cfg: TrainConfig, split: str, limit: int | None = None) -> tuple[Tensor, Tensor]:
-    """uint8 images and labels of one split of the model's own data, in its fixed order."""
+    """uint8 images and labels of one split of the model's own data (no augmentation): the
+    test and validation splits in their fixed order, the train split in a seeded shuffle. The
+    splits are sorted by index, and an ImageFolder's indices by class, so the first images of
+    the train split would calibrate on one class only."""
     from trainer.config import with_overrides
     from trainer.data import load_data
 
     data = load_data(with_overrides(cfg, {"device": "cpu"}), torch.device("cpu"))
     xs, ys, n = [], [], 0
-    for x, y in data.eval_batches(split, 256):
+    batches = (data.train_batches(256, torch.Generator().manual_seed(0)) if split == "train"
+               else data.eval_batches(split, 256))
+    for x, y in batches:
         xs.append(x.cpu())
         ys.append(y.cpu())
         n += len(x)
@@ -94,8 +100,9 @@ def quantize(fp32: bytes, calibration: Tensor) -> bytes:
         quantize_static(
             str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ,
             per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-            # Only the layers that hold weights: the softmax average and log at the end stay
-            # fp32, so the output is still a log-probability a threshold can be put on.
+            # The convolutions, the classifier and what lies between them; the normalisation at
+            # the input and the softmax average and log at the end stay fp32, so the output is
+            # still a log-probability a threshold can be put on.
             op_types_to_quantize=["Conv", "Gemm", "MatMul", "Add", "Relu", "GlobalAveragePool",
                                   "AveragePool", "MaxPool"])
         import onnx

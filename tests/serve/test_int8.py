@@ -135,3 +135,22 @@ def test_an_int8_model_that_loses_too_much_accuracy_is_refused(
     # The same model, allowed to lose everything, passes and says what it lost.
     result = check(bundle, fp32, broken.SerializeToString(), cfg, max_drop=1.0)
     assert result["int8_test_accuracy"] < result["fp32_test_accuracy"]
+
+
+def test_calibration_sees_every_class_of_a_class_sorted_image_folder(tmp_path: Path) -> None:
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for digit in (0, 1, 2):  # 150 images a class, ~90 of each in the train split
+        (tmp_path / f"digit{digit}").mkdir()
+        for i, image in enumerate(digits.images[digits.target == digit][:150]):
+            pixels = (image * (255 / 16)).round().astype(np.uint8)
+            Image.fromarray(pixels, "L").save(tmp_path / f"digit{digit}" / f"{i:03d}.png")
+    cfg = TrainConfig(dataset=f"imagefolder:{tmp_path}", image_size=8, device="cpu")
+    _, in_order = labelled(cfg, "test")
+    # A plain pass over a split goes class by class, so its first images are of one class.
+    assert in_order.tolist() == sorted(in_order.tolist()) and len(set(in_order.tolist())) == 3
+    _, calibration = labelled(cfg, "train", 64)
+    counts = torch.bincount(calibration, minlength=3)
+    assert len(calibration) == 64 and bool((counts > 0).all()), counts
