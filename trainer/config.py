@@ -86,6 +86,9 @@ class TrainConfig:
     # Early stopping, in epochs: the run ends once this many epochs in a row did not beat the
     # best by best_metric (the best epoch's weights are kept, as at a normal end); 0 = off.
     early_stop_patience: int = 0
+    # Nor before this many epochs have been trained: on a cosine schedule a good run's first
+    # epochs can be flat or noisy (BENCHMARKS.md, early stopping), like the pruner's warm-up.
+    early_stop_min_epochs: int = 0
 
     # --- distillation ---
     teacher: str = ""  # path to a checkpoint written by this trainer (best.pt), "" = off
@@ -155,6 +158,7 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "focal_gamma": (0.0, math.inf, True, False),
     "grad_clip": (0.0, math.inf, True, False),
     "early_stop_patience": (0, 100_000, True, True),
+    "early_stop_min_epochs": (0, 100_000, True, True),
     "kd_temperature": (0.0, math.inf, False, False),
     "kd_alpha": (0.0, 1.0, True, True),
     "eval_batch_size": (1, 1 << 20, True, True),

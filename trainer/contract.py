@@ -104,9 +104,11 @@ def is_better(metric: str, value: float, than: float) -> bool:
     return value < than
 
 
-def stops_early(patience: int, epoch: int, best_epoch: int, epochs: int) -> bool:
+def stops_early(patience: int, epoch: int, best_epoch: int, epochs: int,
+                min_epochs: int = 0) -> bool:
     """Whether early stopping ends a run after `epoch` (counted from 1): it is on (`patience` >
-    0), the last `patience` epochs did not beat the best one (`best_epoch`, the latest epoch
-    that was better than every one before it), and epochs were left to train. A pure rule of
-    the recorded history, so a resumed run counts on from its checkpoint."""
-    return 0 < patience <= epoch - best_epoch and epoch < epochs
+    0), at least `min_epochs` epochs were trained (a run's first epochs are noisy, so a good run
+    can look flat there), the last `patience` epochs did not beat the best one (`best_epoch`,
+    the latest epoch that was better than every one before it), and epochs were left to train.
+    A pure rule of the recorded history, so a resumed run counts on from its checkpoint."""
+    return 0 < patience <= epoch - best_epoch and min_epochs <= epoch < epochs

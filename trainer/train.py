@@ -106,7 +106,8 @@ def train(
     # Early stopping ends the loop after the epoch that spent the patience. A run resumed from
     # that epoch's checkpoint (stopped after it, before it returned) trains no further.
     stopped = start_epoch if best is not None and stops_early(
-        cfg.early_stop_patience, start_epoch, best["epoch"], cfg.epochs) else None
+        cfg.early_stop_patience, start_epoch, best["epoch"], cfg.epochs,
+        cfg.early_stop_min_epochs) else None
     images, train_seconds, compile_seconds = 0, 0.0, 0.0
     for epoch in range(start_epoch, cfg.epochs if stopped is None else start_epoch):
         shuffle, augment_gen = _seed_epoch(cfg.seed, epoch, rt.device)
@@ -186,7 +187,7 @@ def train(
         assert best is not None
         # Recorded on the epoch, so a caller (a search's pruner) knows it is the run's last.
         metrics["early_stop"] = stops_early(cfg.early_stop_patience, epoch + 1, best["epoch"],
-                                            cfg.epochs)
+                                            cfg.epochs, cfg.early_stop_min_epochs)
         ckpts.epoch({
             "config": cfg.to_dict(), "epoch": epoch + 1, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),

@@ -133,10 +133,33 @@ def test_a_resumed_run_counts_its_patience_on(
     assert (resumed.best_epoch, resumed.test_acc) == (stopped.best_epoch, stopped.test_acc)
 
 
+def test_no_early_stop_before_min_epochs(stopped: Result) -> None:
+    """With early_stop_min_epochs past the epoch the plain run stopped at, the run trains on:
+    the same epochs up to there, then stops by the same rule at an epoch >= the minimum (or at
+    its end)."""
+    assert stopped.stopped_epoch is not None
+    least = stopped.stopped_epoch + 2
+    later = train(replace(PLATEAU, early_stop_min_epochs=least))
+    assert curve(later)[:stopped.stopped_epoch] == curve(stopped)
+    assert len(later.history) >= least
+    assert not any(h["early_stop"] for h in later.history[:least - 1])
+    kept = best_so_far(later.history, PLATEAU.best_metric)
+    if later.stopped_epoch is None:
+        assert len(later.history) == PLATEAU.epochs
+    else:
+        assert later.stopped_epoch >= least
+        assert later.stopped_epoch - kept[-1] >= PLATEAU.early_stop_patience
+    # The rule itself: the minimum only holds the stop back, it never adds one.
+    assert not stops_early(2, 3, 1, 12, min_epochs=4)
+    assert stops_early(2, 4, 1, 12, min_epochs=4) and stops_early(2, 3, 1, 12)
+    assert not stops_early(0, 9, 1, 12, min_epochs=4)
+
+
 @pytest.mark.parametrize("value", [-1, 1.5, True])
-def test_a_bad_patience_is_a_config_error(value: Any) -> None:
-    with pytest.raises(ConfigError, match="early_stop_patience"):
-        train(replace(FAST, early_stop_patience=value))
+@pytest.mark.parametrize("field", ["early_stop_patience", "early_stop_min_epochs"])
+def test_a_bad_patience_is_a_config_error(field: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=field):
+        train(replace(FAST, **{field: value}))
 
 
 # --- gradient norms --------------------------------------------------------------------------
