@@ -8,21 +8,27 @@ epochs each needs to reach random search's final mean best (the goal: a third of
 
     .venv/bin/python bench/search_efficiency.py --quick     # digits, 2 seeds: ~8 minutes idle
     .venv/bin/python bench/search_efficiency.py --quick --task digits-hard   # ~10-12 minutes
-    .venv/bin/python bench/search_efficiency.py --task digits-hard,synthetic-hard  # full, 5 seeds
-    .venv/bin/python bench/search_efficiency.py --quick --workdir runs/  # keep files; rerun
-                                                            # after a kill reuses finished runs
+    # full, 5 seeds a task, one run at a time, resumable: the committed results folder
+    .venv/bin/python bench/search_efficiency.py --task digits-hard --jobs 1 \
+        --workdir bench/results/search-efficiency     # its digits-hard-full/ folder
+
+With --workdir each run's result is `<workdir>/<task>-<quick|full>/<method>-s<seed>.json`; an
+invocation reuses those that trained what it would (the same RUN_FIELDS and the same generated
+space file) and runs the rest, seed by seed, so a killed benchmark continues where it stopped.
 
 The same ten parameters and ranges for every method (`space_text`): lr, batch_size, momentum,
 warmup_epochs (optimizer); model depth, width, se (architecture); label_smoothing, weight_decay,
 dropout (regularization). For each seed:
 
 - **staged** (ours): `hpo run --workers 1 --threads 1` of a generated three-stage space file, the
-  real service end to end. Each stage's trial budget is its share of the epoch budget divided by
-  the epochs per trial, so the first two stages never spend more than their share; pruned trials
-  spend less, and the last stage gets extra trials so that it, not an idle remainder, uses what
-  pruning saved. The run is then cut at the epoch budget (below).
-- **cyclic**: the same stages with `cycles = 2` (optimizer, architecture, regularization, then
-  each again, warm-started); each pass gets half of each stage's share, rounded up.
+  real service end to end. Each stage but the last gets its share of the epoch budget in whole
+  trials (rounded down), so every stage starts within the budget even if nothing is pruned; the
+  last gets enough trials to spend what the others left even if every trial were pruned at the
+  earliest epoch (`stage_trials`). The service is stopped once it has trained the budget's
+  epochs, and the run is cut there (below).
+- **cyclic**: the same stages twice (optimizer, architecture, regularization, then each again,
+  warm-started), written out as the six stages `cycles = 2` expands to so that only the last
+  stage of the second pass carries the spare trials; each pass gets half of each share.
 - **random**: Optuna's RandomSampler over all ten parameters at once, no pruning.
 - **joint TPE**: one TPE study over all ten parameters with the same sampler and median-pruner
   settings as a stage of ours (multivariate, grouped, constant liar), so only the staging
@@ -40,8 +46,8 @@ stop there, our pipeline's surplus epochs are discarded. **Best** is the highest
 accuracy of any epoch within the budget; **epochs to target** is the cumulative count of epochs
 when an epoch first reaches `--target` (censored at the budget when no epoch does). Seed s sets
 the training seed of every trial and the sampler seed of the joint methods; our worker seeds TPE
-from its worker id (search/runtime/worker.py), so runs of ours share one SQLite database and start
-one after another: in a fresh work folder the worker of seed s gets id s + 1.
+from its worker id (search/runtime/worker.py), so each run of ours has a SQLite database of its
+own in which the worker of seed s gets id s + 1.
 
 The figures count epochs, not seconds, so load from other processes does not change them; the
 wall times printed beside them do change with load.
@@ -61,6 +67,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import tomllib
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -83,10 +90,8 @@ SERVICE = ("staged", "cyclic")
 CYCLES = 2
 TASKS = ("digits", "digits-hard", "synthetic-hard")
 # Stage shares of the epoch budget: the optimizer matters most on digits, so it gets the most.
+# `cyclic` gives each pass 1/CYCLES of each share (`stage_trials`).
 SHARES = (0.4, 0.3, 0.3)
-# The last stage's trial budget, as a multiple of its share: pruned trials leave epochs unspent
-# and the run is cut at the epoch budget anyway, so spare trials are never trained past it.
-LAST_STAGE_SPARE = 2.0
 
 
 @dataclass(frozen=True)
@@ -122,19 +127,22 @@ FULL = Mode(budget=360, epochs=6, seeds=5, widths=(0.5, 1.0), target=0.985, star
 # digits'. Their quick modes were meant for 5 methods x 2 seeds, 2 at a time, in about 10
 # minutes: 27 epochs a run, 3 per trial; measured, 14.7 minutes at load 2-3 (BENCHMARKS.md).
 # Both need a learning rate near 1 (README), so its range reaches 2; batches of 32 are left
-# out to keep epochs short on the CPU.
+# out to keep epochs short on the CPU. Their full modes are sized for one thread beside other
+# work: 120 epochs a run, 4 per trial (2.3-3.4 s an epoch, so about 30 minutes for the five
+# methods of one seed, 2.5 hours a task), with --workdir keeping each finished run for the next
+# session (bench/README.md).
 HARD = {"lr": (0.05, 2.0), "batches": (64, 128, 256), "widths": (0.25, 0.5)}
 MODES = {
     "digits": {"quick": Mode(**{**asdict(QUICK), "seeds": 2}), "full": FULL},
     "digits-hard": {
         "quick": Mode(budget=27, epochs=3, seeds=2, target=0.70, startup=2, warmup=2,
                       ladder=(0.6, 0.7, 0.8, 0.85), dataset="digits-hard", **HARD),
-        "full": Mode(budget=240, epochs=6, seeds=5, target=0.93, startup=4, warmup=3,
+        "full": Mode(budget=120, epochs=4, seeds=5, target=0.93, startup=4, warmup=3,
                      ladder=(0.85, 0.9, 0.93, 0.95), dataset="digits-hard", **HARD)},
     "synthetic-hard": {
         "quick": Mode(budget=27, epochs=3, seeds=2, target=0.35, startup=2, warmup=2,
                       ladder=(0.3, 0.4, 0.5), dataset="synthetic-hard", **HARD),
-        "full": Mode(budget=240, epochs=6, seeds=5, target=0.55, startup=4, warmup=3,
+        "full": Mode(budget=120, epochs=4, seeds=5, target=0.55, startup=4, warmup=3,
                      ladder=(0.45, 0.5, 0.55, 0.6), dataset="synthetic-hard", **HARD)},
 }
 
@@ -159,18 +167,54 @@ def stage_params(mode: Mode) -> list[tuple[str, str]]:
     ]
 
 
+def configurations(params: str) -> int | None:
+    """How many distinct configurations a stage's params table allows; None for a continuum. A
+    stage closes once it has trained each (search/space/grid.py), so it may use fewer trials."""
+    table = tomllib.loads(textwrap.dedent(params))
+    if not all("choices" in p for p in table.values()):
+        return None
+    return math.prod(len(p["choices"]) for p in table.values())
+
+
+def least_epochs(mode: Mode) -> int:
+    """The fewest epochs a trial of our stages trains: the median pruner acts from epoch
+    `warmup` on (search/runtime/algorithms.py) and never after the last epoch."""
+    return mode.epochs if mode.warmup >= mode.epochs else max(1, mode.warmup)
+
+
+def stage_trials(mode: Mode, cycles: int) -> list[int]:
+    """Trial budgets of our stages in the order they run, `cycles` passes of SHARES.
+
+    Every stage but the last gets its share of the epoch budget in whole trials, rounded down,
+    so that even with nothing pruned every stage of every pass starts within the budget. The
+    last one gets enough trials to spend whatever the others left, even if all of them and all
+    of its own were pruned at the earliest epoch (a stage with few configurations counted at
+    that many trials): the run is cut at the epoch budget, so what pruning saved is spent, and
+    trials past the budget are trained but discarded."""
+    stages = stage_params(mode) * cycles
+    shares = [share / cycles for share in SHARES] * cycles
+    trials = [max(1, math.floor(mode.budget * share / mode.epochs)) for share in shares[:-1]]
+    least = least_epochs(mode)
+    spent = sum(least * min(t, configurations(params) or t)
+                for t, (_, params) in zip(trials, stages, strict=False))
+    trials.append(max(1, math.ceil((mode.budget - spent) / least)))
+    return trials
+
+
 def space_text(mode: Mode, seed: int, *, method: str) -> str:
-    """The space file: three stages for ours (run twice for `cyclic`), one stage of all ten
+    """The space file: three stages for ours (twice for `cyclic`), one stage of all ten
     parameters for the others.
     Before its own stage a parameter has the value in [fixed] (the trainer's default otherwise):
-    resnet20 at the larger width, no SE, label smoothing 0, weight decay 5e-4, dropout 0."""
+    resnet20 at the larger width, no SE, label smoothing 0, weight decay 5e-4, dropout 0.
+    `cyclic` writes out the six stages that `cycles = 2` expands to (pass 2 named `<name>-2`,
+    warm-started; search/space/spec.py) because `cycles` repeats each stage's trial budget, and
+    only the last stage of the last pass may carry the trials that spend what pruning saved."""
     joint = method not in SERVICE
     cycles = CYCLES if method == "cyclic" else 1
     head = f"""\
         # Written by bench/search_efficiency.py ({method}, seed {seed}).
         dataset = "{mode.dataset}"
         metric = "val_acc"
-        {f"cycles = {cycles}" if cycles > 1 else ""}
         [fixed]
         model = "resnet20"
         width = {mode.widths[1]}
@@ -187,18 +231,13 @@ def space_text(mode: Mode, seed: int, *, method: str) -> str:
         return (textwrap.dedent(head) + f'[[stage]]\nname = "joint"\ntrials = {trials}\n'
                 f"epochs = {mode.epochs}\n{knobs}[stage.params]\n{rows}\n")
     text = textwrap.dedent(head)
-    for index, ((name, params), share) in enumerate(zip(stages, SHARES, strict=True)):
-        if cycles == 1:
-            trials = max(1, math.floor(mode.budget * share / mode.epochs))
-            if index == len(stages) - 1:
-                trials = math.ceil(trials * LAST_STAGE_SPARE)
-        else:
-            # Every pass repeats each stage's budget, so a pass gets 1/cycles of each share;
-            # rounding up, not spare trials in the last stage (which every pass would repeat),
-            # leaves trials for the epochs that pruning saves.
-            trials = max(1, math.ceil(mode.budget * share / (mode.epochs * cycles)))
-        text += (f'\n[[stage]]\nname = "{name}"\ntrials = {trials}\nepochs = {mode.epochs}\n'
-                 f"{knobs}[stage.params]\n{textwrap.dedent(params)}\n")
+    budgets = stage_trials(mode, cycles)
+    for index, (name, params) in enumerate(stages * cycles):
+        n = index // len(stages) + 1  # the pass
+        label, warm = (name, "") if n == 1 else (f"{name}-{n}", "warm_start = true\n")
+        text += (f'\n[[stage]]\nname = "{label}"\ntrials = {budgets[index]}\n'
+                 f"epochs = {mode.epochs}\n{warm}{knobs}[stage.params]\n"
+                 f"{textwrap.dedent(params)}\n")
     return text
 
 
@@ -299,23 +338,57 @@ def run_joint(method: str, seed: int, mode: Mode, space: Path) -> Run:
 # Ours: `hpo run` of the staged space file, read back from its database.
 
 
-def run_staged(method: str, seed: int, space: Path, work: Path, url: str) -> Run:
+def run_staged(method: str, seed: int, space: Path, work: Path, url: str, budget: int) -> Run:
+    from search.db import registry
+    from search.db.storage import open_storage
+
     started = time.monotonic()
     log = work / f"{method}-s{seed}.log"
+    db = Path(url.removeprefix("sqlite:///"))
+    for stale in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        stale.unlink(missing_ok=True)  # left by a run that was killed
     # A fresh study each time: a run that was killed leaves its study behind, half done.
     study = f"eff-{method}-s{seed}-{uuid.uuid4().hex[:8]}"
+    # Our worker seeds TPE from its worker id, the database's row number. Each run has a database
+    # of its own, in which seed s's worker gets id s + 1 (rows registered here first), so a run's
+    # figures do not depend on which runs a work folder already held.
+    storage = open_storage(url, create_schema=True)
+    registry.create_schema(storage.engine)
+    for _ in range(seed):
+        placeholder = registry.register_worker(storage.engine, "placeholder", "cpu")
+        registry.touch_worker(storage.engine, placeholder, state="done")
+    storage.engine.dispose()
+    stopped = False
     with log.open("w") as out:
-        code = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "search.cli", "run", "--space", str(space),
              "--study", study, "--storage", url, "--workers", "1", "--threads", "1",
              "--device", "cpu", "--artifacts", str(work / "artifacts")],
-            cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
-        ).returncode
-    if code != 0:
+            cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT)
+        # The run is cut at the epoch budget, so once that many epochs are in the database the
+        # rest (the last stage's spare trials) would be trained for nothing: stop the service
+        # (SIGTERM: the worker hands its trial back, keeping the epochs it ran).
+        while proc.poll() is None:
+            time.sleep(10)
+            if not stopped and trained(method, seed, study, url) >= budget:
+                proc.terminate()
+                stopped = True
+        code = proc.wait()
+    if code != 0 and not stopped:
         raise RuntimeError(f"hpo run for seed {seed} exited {code}; see {log}")
     run = read_staged(method, seed, study, url)
     run.wall = time.monotonic() - started
+    if stopped:
+        run.note = f"stopped at the budget; {run.note}"
     return run
+
+
+def trained(method: str, seed: int, study: str, url: str) -> int:
+    """Epochs the service has recorded so far (0 before its pipeline exists)."""
+    try:
+        return len(read_staged(method, seed, study, url).curve)
+    except Exception:  # no pipeline yet, or a read that met a write: ask again next time
+        return 0
 
 
 def read_staged(method: str, seed: int, name: str, url: str) -> Run:
@@ -325,12 +398,15 @@ def read_staged(method: str, seed: int, name: str, url: str) -> Run:
     from search.db.storage import open_storage
 
     storage = open_storage(url)
-    pipe = pipeline.load(storage, name)
-    trials: list[tuple[Any, str]] = []
-    for stage in pipe.stages:
-        study = pipeline.load_stage_study(storage, name, stage)
-        trials += [(t, stage.name) for t in study.get_trials(deepcopy=False)
-                   if t.datetime_start is not None]
+    try:
+        pipe = pipeline.load(storage, name)
+        trials: list[tuple[Any, str]] = []
+        for stage in pipe.stages:
+            study = pipeline.load_stage_study(storage, name, stage)
+            trials += [(t, stage.name) for t in study.get_trials(deepcopy=False)
+                       if t.datetime_start is not None]
+    finally:
+        storage.engine.dispose()  # read every 10 s while the service runs
     trials.sort(key=lambda ts: ts[0].datetime_start)  # one worker: the order they were trained
     run = Run(method, seed)
     for t, stage in trials:
@@ -348,21 +424,24 @@ def read_staged(method: str, seed: int, name: str, url: str) -> Run:
 
 
 # --------------------------------------------------------------------------------------------
-# Orchestration: runs as subprocesses, `--jobs` at a time, never two runs of one service method
-# at once (each has its own database, so its worker ids, and with them its TPE seeds, follow the
-# seeds).
+# Orchestration: runs as subprocesses, `--jobs` at a time, in seed order (every method's seed 0,
+# then seed 1, ...), so that a benchmark stopped part way leaves whole seeds to compare.
 
 
 def finished(out: Path, mode: Mode) -> Run | None:
-    """The run stored in `out` by an earlier invocation with the same mode, if there is one."""
+    """The run stored in `out` by an earlier invocation, if it trained what this one would: the
+    same RUN_FIELDS and the same generated space file (which holds the stage trial budgets)."""
     try:
         stored = json.loads(out.read_text())
-    except (OSError, ValueError):
+        run = Run(**stored["run"])
+    except (OSError, ValueError, TypeError, KeyError):
         return None
     wanted = json.loads(json.dumps(asdict(mode)))
     if any(stored.get("mode", {}).get(k) != wanted[k] for k in RUN_FIELDS):
         return None
-    return Run(**stored["run"])
+    if stored.get("space") != space_text(mode, run.seed, method=run.method):
+        return None
+    return run
 
 
 def run_all(mode: Mode, work: Path, jobs: int, methods: tuple[str, ...]) -> list[Run]:
@@ -400,7 +479,7 @@ def run_all(mode: Mode, work: Path, jobs: int, methods: tuple[str, ...]) -> list
                 continue
             todo.remove(item)
             out = work / f"{method}-s{seed}.json"
-            url = f"sqlite:///{work / f'{method}.db'}"
+            url = f"sqlite:///{work / f'{method}-s{seed}.db'}"
             cmd = [sys.executable, __file__, "--role", method, "--seed", str(seed),
                    "--out", str(out), "--work", str(work), "--url", url,
                    "--mode", json.dumps(asdict(mode))]
@@ -417,10 +496,14 @@ def role(args: argparse.Namespace, mode: Mode) -> int:
     space = args.work / f"{args.role}-s{args.seed}.toml"
     space.write_text(space_text(mode, args.seed, method=args.role))
     if args.role in SERVICE:
-        run = run_staged(args.role, args.seed, space, args.work, args.url)
+        run = run_staged(args.role, args.seed, space, args.work, args.url, mode.budget)
     else:
         run = run_joint(args.role, args.seed, mode, space)
-    args.out.write_text(json.dumps({"mode": asdict(mode), "run": asdict(run)}))
+    # Written whole, then renamed: a kill leaves no half file for a later invocation to read.
+    part = args.out.with_name(args.out.name + ".part")
+    part.write_text(json.dumps({"mode": asdict(mode), "space": space.read_text(),
+                                "run": asdict(run)}) + "\n")
+    part.replace(args.out)
     return 0
 
 
@@ -628,7 +711,9 @@ def main(argv: list[str] | None = None) -> int:
         for task in tasks:
             mode = Mode(**{**asdict(MODES[task]["quick" if args.quick else "full"]),
                            **overrides})
-            work = root / task
+            # Quick and full runs of a task in folders of their own: a committed full-mode
+            # folder (bench/results/) is never overwritten by a quick run.
+            work = root / f"{task}-{'quick' if args.quick else 'full'}"
             work.mkdir(parents=True, exist_ok=True)
             load_start = os.getloadavg()[0]
             started = time.monotonic()

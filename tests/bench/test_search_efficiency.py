@@ -3,7 +3,9 @@ training), and the space files it writes, read by the real space loader."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -13,7 +15,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import search_efficiency as se  # bench/ is not a package: imported from its folder
 
-from search.space.spec import load_space
+from search.space import grid
+from search.space.spec import Stage, load_space
 
 
 def test_runs_are_cut_at_the_budget_in_the_order_trained() -> None:
@@ -72,5 +75,55 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
         else:
             assert names == ["joint"] and len(stages[0].params) == 10
         if method in se.SERVICE:
-            # Enough trials to spend the epoch budget if nothing were pruned.
-            assert sum(s.trials * s.epochs for s in stages) >= mode.budget
+            budget_spent_by_design(mode, stages)
+
+
+def budget_spent_by_design(mode: se.Mode, stages: tuple[Stage, ...]) -> None:
+    """The two bounds of the stage trial budgets, read from the loaded space file."""
+    # With nothing pruned, every stage's first trial ends within the budget: no stage of any pass
+    # is cut off by the stages before it.
+    for index, stage in enumerate(stages):
+        before = sum(s.trials * s.epochs for s in stages[:index])
+        assert before + stage.epochs <= mode.budget, (stage.name, before)
+    # With every trial pruned as early as the pruner may (from its warm-up epoch, never after the
+    # last) and every finite stage closing once its configurations are trained, the trials still
+    # spend the whole budget: nothing pruning saves is left idle.
+    least = 0
+    for stage in stages:
+        first = min(stage.pruner.warmup_epochs, stage.epochs) or 1
+        least += first * min(stage.trials, grid.size(stage.params) or stage.trials)
+    assert least >= mode.budget
+
+
+def test_the_last_stage_takes_what_pruning_saves() -> None:
+    # 27 epochs, 3 a trial, pruning from epoch 2: shares 10.8, 8.1, 8.1 epochs make 3 and 2
+    # trials; at worst those 5 end at epoch 2 (10 epochs), so the last needs ceil(17 / 2) = 9.
+    mode = se.MODES["digits-hard"]["quick"]
+    assert (mode.budget, mode.epochs, mode.warmup) == (27, 3, 2)
+    assert se.stage_trials(mode, 1) == [3, 2, 9]
+    # Two passes: each stage of a pass 1 trial (5.4 and 4.05 epochs), the last again 9.
+    assert se.stage_trials(mode, 2) == [1, 1, 1, 1, 1, 9]
+    # The architecture stage has 8 configurations: budgeted 9 trials, it closes after 8.
+    full = se.MODES["digits-hard"]["full"]
+    assert (full.budget, full.epochs, full.warmup) == (120, 4, 3)
+    assert se.configurations(se.stage_params(full)[1][1]) == 8
+    assert se.stage_trials(full, 1) == [12, 9, math.ceil((120 - 3 * (12 + 8)) / 3)]
+
+
+def test_a_stored_run_is_reused_only_for_the_same_runs(tmp_path: Path) -> None:
+    mode = se.MODES["digits-hard"]["full"]
+    out = tmp_path / "staged-s1.json"
+    run = se.Run("staged", 1, curve=[0.5, 0.6])
+    stored = {"mode": asdict(mode), "space": se.space_text(mode, 1, method="staged"),
+              "run": asdict(run)}
+    out.write_text(json.dumps(stored))
+    assert se.finished(out, mode) == run
+    # A report-only field may differ; a field that changes what is trained may not.
+    assert se.finished(out, dataclasses.replace(mode, target=0.5, seeds=2)) == run
+    assert se.finished(out, dataclasses.replace(mode, budget=100)) is None
+    # Nor may the space file (the stage trial budgets live there), e.g. one from older code.
+    out.write_text(json.dumps({**stored, "space": stored["space"].replace("trials = 12",
+                                                                           "trials = 13")}))
+    assert se.finished(out, mode) is None
+    out.write_text(json.dumps(stored)[:40])  # cut short
+    assert se.finished(out, mode) is None
