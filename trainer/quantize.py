@@ -140,9 +140,13 @@ def check(bundle: Bundle, fp32: bytes, int8: bytes, cfg: TrainConfig,
     return result
 
 
+def calibrated(fp32: bytes, cfg: TrainConfig) -> bytes:
+    """The int8 model of `fp32`, calibrated on CALIBRATION_IMAGES of `cfg`'s train split."""
+    return quantize(fp32, labelled(cfg, "train", CALIBRATION_IMAGES)[0])
+
+
 def int8_file(bundle: Bundle, fp32: bytes, cfg: TrainConfig, max_drop: float = MAX_DROP
               ) -> tuple[bytes, dict[str, Any]]:
     """The checked int8 model's bytes and its check; nothing is written."""
-    images, _ = labelled(cfg, "train", CALIBRATION_IMAGES)
-    model = quantize(fp32, images)
+    model = calibrated(fp32, cfg)
     return model, check(bundle, fp32, model, cfg, max_drop)

@@ -104,13 +104,13 @@ def serve(storage: optuna.storages.RDBStorage, pipe: Pipeline, args: argparse.Na
     if args.runtime == "int8":
         from trainer import checkpoint
         from trainer.portable import onnx_bytes
-        from trainer.quantize import CALIBRATION_IMAGES, labelled, quantize
+        from trainer.quantize import CALIBRATION_IMAGES, calibrated
         from trainer.saved_model import saved_config
 
         # As `hpo export --quantize int8` calibrates, but unchecked: the export measures the
         # int8 model's test accuracy (once) and refuses one that loses too much.
         cfg = saved_config(checkpoint.load(paths[0]))
-        model = quantize(onnx_bytes(bundle.module), labelled(cfg, "train", CALIBRATION_IMAGES)[0])
+        model = calibrated(onnx_bytes(bundle.module), cfg)
         print(f"quantized to int8 on {CALIBRATION_IMAGES} train images (not checked: `hpo"
               " export --quantize int8` measures its test accuracy)", flush=True)
     return start(bundle, args, model)
