@@ -42,6 +42,11 @@ def test_the_summary_counts_epochs_to_randoms_final_mean_best() -> None:
     assert random.to_random == 6 and random.reached == 1 and random.ratio == 1
     assert staged.to_random == 2 and staged.reached == 2  # epochs 1 and 3
     assert staged.ratio == pytest.approx(2 / 6)
+    # Mean curves of the best so far: random's is 0.15, 0.25, 0.4, 0.6, 0.65, 0.7 (its last rise
+    # at epoch 6); staged's (seed 0 keeps 0.9 after its 4 epochs) 0.6, 0.75: epoch 2.
+    assert se.mean_best_curve(runs[:2], 8)[:6] == pytest.approx([0.15, 0.25, 0.4, 0.6, 0.65, 0.7])
+    assert (random.curve_to_random, random.curve_ratio) == (6, 1)
+    assert staged.curve_to_random == 2 and staged.curve_ratio == pytest.approx(2 / 6)
     # Best at 50% (4 epochs), 75% (6) and 100% (8), the 0.99 of epoch 9 outside the budget.
     assert [m for m, _ in staged.best] == pytest.approx([0.825, 0.825, 0.825])
     assert [m for m, _ in random.best] == pytest.approx([0.6, 0.7, 0.7])
@@ -54,6 +59,7 @@ def test_the_summary_counts_epochs_to_randoms_final_mean_best() -> None:
 def test_without_random_runs_there_is_no_goal() -> None:
     goal, lines = se.efficiency([se.Run("tpe", 0, curve=[0.5])], ("tpe",), budget=1)
     assert goal is None and lines[0].to_random is None and lines[0].ratio is None
+    assert lines[0].curve_to_random is None and lines[0].curve_ratio is None
 
 
 @pytest.mark.parametrize("task", se.TASKS)
