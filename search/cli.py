@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     c.add_argument("--artifacts", default=_default_artifacts(),
                    help="the checkpoint folder or s3://bucket/prefix (default: $HPO_ARTIFACTS)")
+    c.add_argument("--keep-objects", action="store_true",
+                   help="with an s3:// store, leave the study's objects in the bucket")
     c = command("extend", "raise a stage's budget of trials", _commands("extend"))
     c.add_argument("study")
     c.add_argument("--stage", required=True)
