@@ -19,9 +19,10 @@ import sqlalchemy as sa
 from search.artifacts import Artifacts
 from search.db import optuna_private as op
 from search.db import pipeline, registry
-from search.db.budget import BUDGET
+from search.db.budget import BUDGET, HOLDING
 from search.db.storage import GRACE_SECONDS
 from search.results import snapshot
+from search.space import grid
 from search.space.params import ParamError, check_config, field_value, in_range, show
 from search.space.spec import Pipeline, Stage, base_config
 
@@ -96,6 +97,11 @@ def extend(storage: optuna.storages.RDBStorage, name: str, stage_name: str, tria
     if trials <= budget:
         raise PipelineError(f"--trials {trials}: stage {stage.name!r} has a budget of {budget}"
                             " already; extend only raises it")
+    size = grid.size(stage.params)
+    if size is not None and trials > size:
+        raise PipelineError(
+            f"--trials {trials}: stage {stage.name!r} has {size} distinct configurations and"
+            f" trains each once, so a budget above {size} adds nothing")
     _closed_by_later(storage, name, pipe, stage, "extend")
     stages = tuple(dataclasses.replace(s, trials=trials) if s is stage else s
                    for s in pipe.stages)
@@ -133,10 +139,25 @@ def enqueue(storage: optuna.storages.RDBStorage, name: str, stage_name: str, tex
             f" {c.finished} finished, {c.running} running and {c.waiting} waiting trials; raise"
             f" it first with `hpo extend {name} --stage {stage.name} --trials {budget + 1}`"
         )
+    _check_not_held(study, stage, params)
     study.enqueue_trial(params, user_attrs={snapshot.ENQUEUED: "user"})
     number = max(t.number for t in study.get_trials(deepcopy=False))
     return (f"queued trial #{number} of stage {stage.name!r} with {json.dumps(params)}; the next"
             " free worker trains it first")
+
+
+def _check_not_held(study: optuna.Study, stage: Stage, params: dict[str, Any]) -> None:
+    """A finite stage trains each configuration once (a repeat would fail untrained, its
+    slot spent): refuse one that a trial holds already."""
+    if grid.size(stage.params) is None or set(params) != set(stage.params):
+        return  # a continuous space, or values left for the sampler to choose
+    wanted = grid.key(params)
+    for t in study.get_trials(deepcopy=False, states=HOLDING):
+        held = t.params or t.system_attrs.get(op.FIXED_PARAMS, {})  # a WAITING trial's values
+        if set(held) == set(params) and grid.key(held) == wanted:
+            raise PipelineError(
+                f"--params: stage {stage.name!r} trains each configuration once, and trial"
+                f" #{t.number} ({t.state.name.lower()}) holds {json.dumps(params)} already")
 
 
 def _parse_params(text: str, stage: Stage) -> dict[str, Any]:
