@@ -613,6 +613,33 @@ def efficiency_table(mode: Mode, runs: Sequence[Run], methods: Sequence[str]) ->
     return out
 
 
+def paired_table(mode: Mode, runs: Sequence[Run], methods: Sequence[str],
+                 ours: str) -> list[str]:
+    """`ours` against each other method, seed by seed: the mean and standard deviation of the
+    difference in best so far at each FRACTION, and in how many seeds ours was at least as
+    good. A seed fixes the task's data and every trial's training seed, so the pairs share
+    them and the difference is less noisy than the two means apart."""
+    budget = mode.budget
+    mine = {r.seed: r for r in runs if r.method == ours}
+    head = "".join(f"{f'at {f:.0%}':>24}" for f in FRACTIONS)
+    out = [f"paired, {mode.dataset}: {LABELS[ours]} minus each method, same seeds (mean ± std"
+           " of the difference; seeds where ours >= theirs):", f"  {'method':<27}{head}"]
+    for method in methods:
+        theirs = {r.seed: r for r in runs if r.method == method}
+        seeds = sorted(set(mine) & set(theirs))
+        if method == ours or not seeds:
+            continue
+        cells = []
+        for f in FRACTIONS:
+            cut = round(budget * f)
+            diffs = [mine[s].best(cut) - theirs[s].best(cut) for s in seeds]
+            sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            wins = sum(d >= 0 for d in diffs)
+            cells.append(f"{statistics.mean(diffs):+.4f} ± {sd:.4f} ({wins}/{len(diffs)})")
+        out.append(f"  {LABELS[method]:<27}" + "".join(f"{c:>24}" for c in cells))
+    return out
+
+
 def mean_std(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.4f}" if values else "-"
@@ -698,6 +725,9 @@ def report(mode: Mode, runs: list[Run], methods: tuple[str, ...], wall: float,
                       f" {mean_hits(ours):.0f} vs {mean_hits(theirs):.0f}"
                       f" (a run that never reached it counted as {budget})")
     print("\n" + "\n".join(efficiency_table(mode, runs, methods)))
+    for ours in ("staged", "cyclic"):
+        if ours in by_method:
+            print("\n" + "\n".join(paired_table(mode, runs, methods, ours)))
 
 
 def parse_mode(text: str) -> Mode:

@@ -56,6 +56,17 @@ def test_the_summary_counts_epochs_to_randoms_final_mean_best() -> None:
     assert "random's final mean best 0.7000" in text and "0.33" in text
 
 
+def test_the_paired_table_subtracts_seed_by_seed() -> None:
+    runs = [se.Run("staged", 0, curve=[0.5, 0.9]), se.Run("staged", 1, curve=[0.6, 0.6]),
+            se.Run("tpe", 0, curve=[0.7, 0.7]), se.Run("tpe", 1, curve=[0.6, 0.8]),
+            se.Run("tpe", 2, curve=[0.9, 0.9])]  # no staged seed 2: left out of the pairs
+    mode = se.Mode(**{**asdict(se.MODES["digits"]["quick"]), "budget": 2})
+    lines = se.paired_table(mode, runs, ("staged", "tpe"), "staged")
+    (row,) = [line for line in lines if "joint TPE" in line]
+    # At 50% (1 epoch): -0.2 and 0.0, mean -0.1; at 100%: +0.2 and -0.2, mean 0.
+    assert "-0.1000 ± 0.1414 (1/2)" in row and "+0.0000 ± 0.2828 (1/2)" in row, row
+
+
 def test_without_random_runs_there_is_no_goal() -> None:
     goal, lines = se.efficiency([se.Run("tpe", 0, curve=[0.5])], ("tpe",), budget=1)
     assert goal is None and lines[0].to_random is None and lines[0].ratio is None
