@@ -161,8 +161,10 @@ def test_each_key_changes_the_digest(tmp_path: Path) -> None:
     assert load_space(write(tmp_path, same)).digest() == plain
 
 
+# "optimizer" is a first pass; "architecture" would do too but for its finite space of 2, which
+# `extend` refuses to raise past.
 @pytest.mark.parametrize(("stage", "stored"), [("optimizer-2", False), ("joint", True),
-                                               ("architecture", False)])
+                                               ("optimizer", False)])
 def test_extend_a_later_pass_or_the_joint_stage(tmp_path: Path, stage: str, stored: bool) -> None:
     """A stored pipeline keeps the file's shape, so a later pass's budget (or a first pass's,
     which its later passes would follow) lives in its study's attribute only; the joint stage's
