@@ -77,12 +77,18 @@ from typing import Any
 from _common import child_env  # bench/, the script's folder, is on the path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("staged", "cyclic", "random", "tpe", "hyperband")
+METHODS = ("staged", "cyclic", "random", "tpe", "hyperband", "patience")
 LABELS = {"staged": "staged TPE + median (ours)", "cyclic": "cyclic staged, 2 passes",
+          "patience": "cyclic + patience",
           "random": "random, no pruning", "tpe": "joint TPE + median",
           "hyperband": "joint TPE + Hyperband"}
 # The methods that run `hpo run` (the service) rather than an in-process Optuna loop.
-SERVICE = ("staged", "cyclic")
+SERVICE = ("staged", "cyclic", "patience")
+# `patience`: cyclic, each stage but the last closed once this many trials in a row have not
+# improved its best, its unspent trials passed on to the next (search/db/writes.py), by stage.
+# Measured on digits-hard (BENCHMARKS.md), the architecture stages improved the best in 2 of 14
+# runs: a stage whose group has no headroom at this budget should not keep its whole share.
+PATIENCE = {"optimizer": 3, "architecture": 2, "regularization": 2}
 # Passes of the stages for `cyclic`. Of the three ways to revisit early choices that the space
 # file offers, a second warm-started pass (`cycles = 2`) measured best on tabular benchmarks (best
 # average rank, 108% of the gap to joint TPE closed, against 90% for a final joint stage; patience
@@ -210,7 +216,7 @@ def space_text(mode: Mode, seed: int, *, method: str) -> str:
     warm-started; search/space/spec.py) because `cycles` repeats each stage's trial budget, and
     only the last stage of the last pass may carry the trials that spend what pruning saved."""
     joint = method not in SERVICE
-    cycles = CYCLES if method == "cyclic" else 1
+    cycles = CYCLES if method in ("cyclic", "patience") else 1
     head = f"""\
         # Written by bench/search_efficiency.py ({method}, seed {seed}).
         dataset = "{mode.dataset}"
@@ -235,6 +241,9 @@ def space_text(mode: Mode, seed: int, *, method: str) -> str:
     for index, (name, params) in enumerate(stages * cycles):
         n = index // len(stages) + 1  # the pass
         label, warm = (name, "") if n == 1 else (f"{name}-{n}", "warm_start = true\n")
+        last = index == len(budgets) - 1
+        if method == "patience" and not last:
+            warm += f"patience = {PATIENCE[name]}\n"
         text += (f'\n[[stage]]\nname = "{label}"\ntrials = {budgets[index]}\n'
                  f"epochs = {mode.epochs}\n{warm}{knobs}[stage.params]\n"
                  f"{textwrap.dedent(params)}\n")
@@ -698,7 +707,7 @@ def report(mode: Mode, runs: list[Run], methods: tuple[str, ...], wall: float,
         cells = [f"s{r.seed}: {r.best(budget):.4f} / {r.to_target(budget, mode.target) or '-'}"
                  for r in mine]
         print(f"  {LABELS[method]:<27}" + "; ".join(cells))
-    for r in by_method.get("staged", []) + by_method.get("cyclic", []):
+    for r in [r for m in SERVICE for r in by_method.get(m, [])]:
         parts = []
         for st in r.stages:
             first, last = st["first"], min(st["last"], budget)
@@ -725,7 +734,7 @@ def report(mode: Mode, runs: list[Run], methods: tuple[str, ...], wall: float,
                       f" {mean_hits(ours):.0f} vs {mean_hits(theirs):.0f}"
                       f" (a run that never reached it counted as {budget})")
     print("\n" + "\n".join(efficiency_table(mode, runs, methods)))
-    for ours in ("staged", "cyclic"):
+    for ours in SERVICE:
         if ours in by_method:
             print("\n" + "\n".join(paired_table(mode, runs, methods, ours)))
 

@@ -86,9 +86,11 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
         names = [s.name for s in stages]
         if method == "staged":
             assert names == ["optimizer", "architecture", "regularization"]
-        elif method == "cyclic":
+        elif method in ("cyclic", "patience"):
             assert names == ["optimizer", "architecture", "regularization", "optimizer-2",
                              "architecture-2", "regularization-2"]
+            patience = [s.patience for s in stages]
+            assert patience == ([3, 2, 2, 3, 2, None] if method == "patience" else [None] * 6)
         else:
             assert names == ["joint"] and len(stages[0].params) == 10
         if method in se.SERVICE:
