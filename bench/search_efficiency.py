@@ -77,12 +77,18 @@ from typing import Any
 from _common import child_env  # bench/, the script's folder, is on the path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("staged", "cyclic", "random", "tpe", "hyperband")
+METHODS = ("staged", "cyclic", "random", "tpe", "hyperband", "patience")
 LABELS = {"staged": "staged TPE + median (ours)", "cyclic": "cyclic staged, 2 passes",
+          "patience": "cyclic + patience",
           "random": "random, no pruning", "tpe": "joint TPE + median",
           "hyperband": "joint TPE + Hyperband"}
 # The methods that run `hpo run` (the service) rather than an in-process Optuna loop.
-SERVICE = ("staged", "cyclic")
+SERVICE = ("staged", "cyclic", "patience")
+# `patience`: cyclic, each stage but the last closed once this many trials in a row have not
+# improved its best, its unspent trials passed on to the next (search/db/writes.py), by stage.
+# Measured on digits-hard (BENCHMARKS.md), the architecture stages improved the best in 2 of 14
+# runs: a stage whose group has no headroom at this budget should not keep its whole share.
+PATIENCE = {"optimizer": 3, "architecture": 2, "regularization": 2}
 # Passes of the stages for `cyclic`. Of the three ways to revisit early choices that the space
 # file offers, a second warm-started pass (`cycles = 2`) measured best on tabular benchmarks (best
 # average rank, 108% of the gap to joint TPE closed, against 90% for a final joint stage; patience
@@ -210,7 +216,7 @@ def space_text(mode: Mode, seed: int, *, method: str) -> str:
     warm-started; search/space/spec.py) because `cycles` repeats each stage's trial budget, and
     only the last stage of the last pass may carry the trials that spend what pruning saved."""
     joint = method not in SERVICE
-    cycles = CYCLES if method == "cyclic" else 1
+    cycles = CYCLES if method in ("cyclic", "patience") else 1
     head = f"""\
         # Written by bench/search_efficiency.py ({method}, seed {seed}).
         dataset = "{mode.dataset}"
@@ -235,6 +241,9 @@ def space_text(mode: Mode, seed: int, *, method: str) -> str:
     for index, (name, params) in enumerate(stages * cycles):
         n = index // len(stages) + 1  # the pass
         label, warm = (name, "") if n == 1 else (f"{name}-{n}", "warm_start = true\n")
+        last = index == len(budgets) - 1
+        if method == "patience" and not last:
+            warm += f"patience = {PATIENCE[name]}\n"
         text += (f'\n[[stage]]\nname = "{label}"\ntrials = {budgets[index]}\n'
                  f"epochs = {mode.epochs}\n{warm}{knobs}[stage.params]\n"
                  f"{textwrap.dedent(params)}\n")
@@ -525,6 +534,30 @@ class Efficiency:
     reached: int  # seeds that reached it within the budget
     seeds: int
     ratio: float | None  # to_random over random's own to_random
+    # The same goal read off the mean curve (over seeds) of the best so far, the usual reading
+    # of "time to random search's final result": the first epoch at which the mean reaches it,
+    # and that over the epoch at which random's own mean curve does (its last rise).
+    curve_to_random: int | None = None
+    curve_ratio: float | None = None
+
+
+def mean_best_curve(rs: Sequence[Run], budget: int) -> list[float]:
+    """The best so far after each epoch 1..budget, averaged over the runs; a run that trained
+    fewer epochs keeps its last best."""
+    curves = []
+    for r in rs:
+        best, out = 0.0, []
+        for acc in r.cut(budget):
+            best = max(best, acc)
+            out.append(best)
+        curves.append(out + [best] * (budget - len(out)))
+    return [statistics.mean(column) for column in zip(*curves, strict=True)]
+
+
+def first_at_least(curve: Sequence[float], goal: float) -> int | None:
+    # A tolerance: the goal is itself a mean, and float sums of the same values in
+    # another order may differ in the last bit.
+    return next((n for n, v in enumerate(curve, start=1) if v >= goal - 1e-12), None)
 
 
 def efficiency(runs: Sequence[Run], methods: Sequence[str], budget: int,
@@ -543,6 +576,8 @@ def efficiency(runs: Sequence[Run], methods: Sequence[str], budget: int,
         return statistics.mean(h or budget for h in hits), sum(h is not None for h in hits)
 
     base, _ = to_goal(randoms)
+    curve_base = (first_at_least(mean_best_curve(randoms, budget), goal)
+                  if goal is not None else None)
     lines = []
     for method in methods:
         mine = [r for r in runs if r.method == method]
@@ -555,7 +590,10 @@ def efficiency(runs: Sequence[Run], methods: Sequence[str], budget: int,
                          statistics.stdev(values) if len(values) > 1 else 0.0))
         epochs, reached = to_goal(mine)
         ratio = epochs / base if epochs is not None and base else None
-        lines.append(Efficiency(method, tuple(best), epochs, reached, len(mine), ratio))
+        at = first_at_least(mean_best_curve(mine, budget), goal) if goal is not None else None
+        curve_ratio = at / curve_base if at is not None and curve_base else None
+        lines.append(Efficiency(method, tuple(best), epochs, reached, len(mine), ratio,
+                                at, curve_ratio))
     return goal, lines
 
 
@@ -568,13 +606,46 @@ def efficiency_table(mode: Mode, runs: Sequence[Run], methods: Sequence[str]) ->
            + (f" random's final mean best {goal:.4f}" if goal is not None else
               " random's final mean best (no random runs)")
            + f" (a seed that never reached it counted as {budget}):",
-           f"  {'method':<27}{head}{'epochs to random':>20}{'x random':>10}"]
+           f"  {'method':<27}{head}{'epochs to random':>20}{'x random':>10}"
+           f"{'mean curve':>12}{'x random':>10}"]
     for e in lines:
         cells = "".join(f"{f'{m:.4f} ± {sd:.4f}':>22}" for m, sd in e.best)
         to = (f"{e.to_random:.0f} ({e.reached}/{e.seeds})" if e.to_random is not None
               else "-")
         ratio = f"{e.ratio:.2f}" if e.ratio is not None else "-"
-        out.append(f"  {LABELS[e.method]:<27}{cells}{to:>20}{ratio:>10}")
+        at = str(e.curve_to_random) if e.curve_to_random is not None else f">{budget}"
+        curve_ratio = f"{e.curve_ratio:.2f}" if e.curve_ratio is not None else "-"
+        out.append(f"  {LABELS[e.method]:<27}{cells}{to:>20}{ratio:>10}{at:>12}"
+                   f"{curve_ratio:>10}")
+    out.append("  (mean curve: the first epoch at which the mean over seeds of the best so far"
+               " reaches random's final mean best; random's own is its last rise)")
+    return out
+
+
+def paired_table(mode: Mode, runs: Sequence[Run], methods: Sequence[str],
+                 ours: str) -> list[str]:
+    """`ours` against each other method, seed by seed: the mean and standard deviation of the
+    difference in best so far at each FRACTION, and in how many seeds ours was at least as
+    good. A seed fixes the task's data and every trial's training seed, so the pairs share
+    them and the difference is less noisy than the two means apart."""
+    budget = mode.budget
+    mine = {r.seed: r for r in runs if r.method == ours}
+    head = "".join(f"{f'at {f:.0%}':>24}" for f in FRACTIONS)
+    out = [f"paired, {mode.dataset}: {LABELS[ours]} minus each method, same seeds (mean ± std"
+           " of the difference; seeds where ours >= theirs):", f"  {'method':<27}{head}"]
+    for method in methods:
+        theirs = {r.seed: r for r in runs if r.method == method}
+        seeds = sorted(set(mine) & set(theirs))
+        if method == ours or not seeds:
+            continue
+        cells = []
+        for f in FRACTIONS:
+            cut = round(budget * f)
+            diffs = [mine[s].best(cut) - theirs[s].best(cut) for s in seeds]
+            sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            wins = sum(d >= 0 for d in diffs)
+            cells.append(f"{statistics.mean(diffs):+.4f} ± {sd:.4f} ({wins}/{len(diffs)})")
+        out.append(f"  {LABELS[method]:<27}" + "".join(f"{c:>24}" for c in cells))
     return out
 
 
@@ -636,7 +707,7 @@ def report(mode: Mode, runs: list[Run], methods: tuple[str, ...], wall: float,
         cells = [f"s{r.seed}: {r.best(budget):.4f} / {r.to_target(budget, mode.target) or '-'}"
                  for r in mine]
         print(f"  {LABELS[method]:<27}" + "; ".join(cells))
-    for r in by_method.get("staged", []) + by_method.get("cyclic", []):
+    for r in [r for m in SERVICE for r in by_method.get(m, [])]:
         parts = []
         for st in r.stages:
             first, last = st["first"], min(st["last"], budget)
@@ -663,6 +734,9 @@ def report(mode: Mode, runs: list[Run], methods: tuple[str, ...], wall: float,
                       f" {mean_hits(ours):.0f} vs {mean_hits(theirs):.0f}"
                       f" (a run that never reached it counted as {budget})")
     print("\n" + "\n".join(efficiency_table(mode, runs, methods)))
+    for ours in SERVICE:
+        if ours in by_method:
+            print("\n" + "\n".join(paired_table(mode, runs, methods, ours)))
 
 
 def parse_mode(text: str) -> Mode:

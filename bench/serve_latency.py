@@ -184,6 +184,13 @@ def main() -> int:
              lambda port: [*ours, str(single), "--port", str(port), "--threads", "1"]),
             ("ours", "1 model", "onnx", lambda port: [*ours, str(single), "--port", str(port),
                                                       "--threads", "1", "--runtime", "onnx"]),
+            # Batching on (requests that queue together share a pass), beside the default.
+            ("ours, --max-batch 32", "1 model", "torch",
+             lambda port: [*ours, str(single), "--port", str(port), "--threads", "1",
+                           "--max-batch", "32"]),
+            ("ours, --max-batch 32", "1 model", "onnx",
+             lambda port: [*ours, str(single), "--port", str(port), "--threads", "1",
+                           "--runtime", "onnx", "--max-batch", "32"]),
             ("ours", "3-model ensemble", "torch",
              lambda port: [*ours, str(ensemble), "--port", str(port), "--threads", "1"]),
             ("ours", "3-model ensemble", "onnx", lambda port: [*ours, str(ensemble), "--port",
@@ -200,6 +207,10 @@ def main() -> int:
                     rows.append((name, model, runtime, c, m))
                     print(f"  {name}, {model}, {runtime}, {c} client(s): p50 {m['p50']:.2f} ms"
                           f"  p99 {m['p99']:.2f} ms  {m['rps']:.0f} req/s", flush=True)
+                if "--max-batch" in name:
+                    b = _health(port)["batching"]
+                    print(f"    forward passes {b['batches']}, images {b['images']} (largest"
+                          f" batch {b['largest']}, max {b['max_batch']})", flush=True)
             finally:
                 proc.terminate()
                 proc.wait(60)
@@ -212,6 +223,16 @@ def main() -> int:
     print(f"\n{args.requests} requests per row; load average at the end"
           f" {os.getloadavg()[0]:.2f}")
     return 0
+
+
+def _health(port: int) -> dict:
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/health")
+    answer = json.loads(conn.getresponse().read())
+    conn.close()
+    return answer
 
 
 def _free_port() -> int:

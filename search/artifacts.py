@@ -25,7 +25,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -167,6 +167,32 @@ class Artifacts:
 
     def upload(self, path: Path, relative: str) -> None:
         self.client().upload_file(str(path), self.bucket, self.key(relative))
+
+    def study_objects(self, study: str, artifact_ids: Sequence[str]) -> list[str]:
+        """The bucket's keys that belong to `study`: its checkpoints under `<prefix>/<study>/`
+        and the Optuna artifacts its trials recorded (under `<prefix>/store/`, named by id
+        only, so they are found through the trials). Empty for a folder store."""
+        if not self.url:
+            return []
+        keys: list[str] = []
+        pages = self.client().get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.key(f"{study}/"))
+        for page in pages:
+            keys.extend(o["Key"] for o in page.get("Contents", []))
+        return keys + [self.key(f"store/{a}") for a in artifact_ids]
+
+    def delete_objects(self, keys: Sequence[str]) -> None:
+        """Delete `keys` from the bucket (a missing key is no error in S3); raises when the
+        bucket refuses any, so that `hpo delete` stops before it drops the rows naming them."""
+        for start in range(0, len(keys), 1000):  # the most one DeleteObjects call takes
+            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            answer = self.client().delete_objects(
+                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            if answer.get("Errors"):
+                first = answer["Errors"][0]
+                raise ArtifactsError(
+                    f"{self.url}: the bucket refused to delete {len(answer['Errors'])} object(s),"
+                    f" {first.get('Key')}: {first.get('Code')} {first.get('Message')}")
 
     def _remove(self, relative: str) -> None:
         with contextlib.suppress(Exception):  # a leftover last.pt costs space, not correctness

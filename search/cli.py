@@ -41,7 +41,12 @@ def main(
 ) -> int:
     """`hpo ARGV`. `train` and `test` replace the trainer of `hpo worker` (the load tests'
     stub): its training, and its evaluation of the winner on the test split."""
-    args = _parser().parse_args(argv)
+    try:
+        parser = _parser()  # reads defaults from the environment, HPO_THREADS and others
+    except USER_ERRORS as e:
+        print(f"hpo: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     args.trainer = {k: v for k, v in (("train", train), ("test", test)) if v is not None}
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -77,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     c = command("worker", "pull and train trials until the pipeline is done", _worker)
     c.add_argument("--study", required=True)
     _worker_flags(c)
+    c.add_argument("--stopped-exit-code", type=int, default=_env_int("HPO_STOPPED_EXIT_CODE"),
+                   help="exit status after SIGTERM/SIGINT handed a trial back while the search"
+                        " is not done (default: $HPO_STOPPED_EXIT_CODE, else 0; the Kubernetes"
+                        " Job sets 143 so that a stopped pod is replaced, not taken for the end"
+                        " of the queue)")
 
     c = command("run", "create a study and run local workers to the end", _run)
     c.add_argument("--space", required=True, type=Path)
@@ -106,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     c.add_argument("--artifacts", default=_default_artifacts(),
                    help="the checkpoint folder or s3://bucket/prefix (default: $HPO_ARTIFACTS)")
+    c.add_argument("--keep-objects", action="store_true",
+                   help="with an s3:// store, leave the study's objects in the bucket")
     c = command("extend", "raise a stage's budget of trials", _commands("extend"))
     c.add_argument("study")
     c.add_argument("--stage", required=True)
@@ -226,13 +238,16 @@ def _create(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from search.runtime.worker import Worker
 
+    if not 0 <= args.stopped_exit_code <= 255:
+        raise pipeline.PipelineError(
+            f"--stopped-exit-code {args.stopped_exit_code}: an exit status is 0 to 255")
     _set_threads(args.threads)
     store = open_artifacts(args.artifacts)
     store.check()
     try:
         worker = Worker.open(resolve_url(args.storage), args.study, device=args.device,
                              artifacts=store, fault=args.fault,
-                             **args.trainer)
+                             stopped_exit_code=args.stopped_exit_code, **args.trainer)
     except ConfigError as e:
         if not isinstance(e, NoFreeDevice):
             raise

@@ -102,9 +102,8 @@ def best(args: argparse.Namespace) -> int:
 def delete(args: argparse.Namespace) -> int:
     storage = open_storage(resolve_url(args.storage))
     store = open_artifacts(args.artifacts)
-    what, paths = manage.plan_delete(storage, args.study, store.root)
-    if store.url:  # this host's cache goes; the bucket's objects are the bucket owner's call
-        what += f" (objects under {store.url}/{args.study} in the bucket are left)"
+    plan = manage.plan_delete(storage, args.study, store, keep_objects=args.keep_objects)
+    what = plan.what
     if not args.yes:
         if not sys.stdin.isatty():
             raise pipeline.PipelineError(f"not deleted: {what}; confirm with --yes (no terminal"
@@ -113,7 +112,7 @@ def delete(args: argparse.Namespace) -> int:
         if answer not in ("y", "yes"):
             print("not deleted")
             return 1
-    manage.delete(storage, args.study, paths)
+    manage.delete(storage, args.study, plan, store)
     print(f"deleted {what}")
     return 0
 

@@ -16,11 +16,13 @@ from typing import Any
 import optuna
 import sqlalchemy as sa
 
+from search.artifacts import Artifacts
 from search.db import optuna_private as op
 from search.db import pipeline, registry
-from search.db.budget import BUDGET
+from search.db.budget import BUDGET, HOLDING
 from search.db.storage import GRACE_SECONDS
 from search.results import snapshot
+from search.space import grid
 from search.space.params import ParamError, check_config, field_value, in_range, show
 from search.space.spec import Pipeline, Stage, base_config
 
@@ -95,6 +97,11 @@ def extend(storage: optuna.storages.RDBStorage, name: str, stage_name: str, tria
     if trials <= budget:
         raise PipelineError(f"--trials {trials}: stage {stage.name!r} has a budget of {budget}"
                             " already; extend only raises it")
+    size = grid.size(stage.params)
+    if size is not None and trials > size:
+        raise PipelineError(
+            f"--trials {trials}: stage {stage.name!r} has {size} distinct configurations and"
+            f" trains each once, so a budget above {size} adds nothing")
     _closed_by_later(storage, name, pipe, stage, "extend")
     stages = tuple(dataclasses.replace(s, trials=trials) if s is stage else s
                    for s in pipe.stages)
@@ -132,10 +139,25 @@ def enqueue(storage: optuna.storages.RDBStorage, name: str, stage_name: str, tex
             f" {c.finished} finished, {c.running} running and {c.waiting} waiting trials; raise"
             f" it first with `hpo extend {name} --stage {stage.name} --trials {budget + 1}`"
         )
+    _check_not_held(study, stage, params)
     study.enqueue_trial(params, user_attrs={snapshot.ENQUEUED: "user"})
     number = max(t.number for t in study.get_trials(deepcopy=False))
     return (f"queued trial #{number} of stage {stage.name!r} with {json.dumps(params)}; the next"
             " free worker trains it first")
+
+
+def _check_not_held(study: optuna.Study, stage: Stage, params: dict[str, Any]) -> None:
+    """A finite stage trains each configuration once (a repeat would fail untrained, its
+    slot spent): refuse one that a trial holds already."""
+    if grid.size(stage.params) is None or set(params) != set(stage.params):
+        return  # a continuous space, or values left for the sampler to choose
+    wanted = grid.key(params)
+    for t in study.get_trials(deepcopy=False, states=HOLDING):
+        held = t.params or t.system_attrs.get(op.FIXED_PARAMS, {})  # a WAITING trial's values
+        if set(held) == set(params) and grid.key(held) == wanted:
+            raise PipelineError(
+                f"--params: stage {stage.name!r} trains each configuration once, and trial"
+                f" #{t.number} ({t.state.name.lower()}) holds {json.dumps(params)} already")
 
 
 def _parse_params(text: str, stage: Stage) -> dict[str, Any]:
@@ -157,10 +179,21 @@ def _parse_params(text: str, stage: Stage) -> dict[str, Any]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class DeletePlan:
+    """What `delete` removes: `what` says it in a sentence, for the confirmation."""
+
+    what: str
+    paths: list[Path]  # this host's files: `<root>/<study>` and the stored checkpoints
+    objects: list[str]  # the bucket's keys, for an S3 store
+
+
 def plan_delete(
-    storage: optuna.storages.RDBStorage, name: str, artifacts: Path
-) -> tuple[str, list[Path]]:
-    """What `delete` would remove, as a sentence and the files; refuses while workers live."""
+    storage: optuna.storages.RDBStorage, name: str, store: Artifacts, *, keep_objects: bool
+) -> DeletePlan:
+    """What `delete` would remove; refuses while workers live. With an S3 store the study's
+    objects in the bucket go too, unless `keep_objects` (a bucket with its own lifecycle
+    rules); the local folder is then this host's cache."""
     pipe = pipeline.load(storage, name)
     live = [w for w in registry.list_workers(storage.engine, name) if snapshot.is_live(w)]
     if live:
@@ -170,23 +203,36 @@ def plan_delete(
             + f"); stop them first (a killed worker stops counting {GRACE_SECONDS}s after its"
             " last beat)"
         )
-    trials, files = 0, []
+    trials, ids = 0, []
     for stage in pipe.stages:
         for t in pipeline.load_stage_study(storage, name, stage).get_trials(deepcopy=False):
             trials += 1
             for key, value in t.system_attrs.items():
                 if key.startswith(op.ARTIFACTS_ATTR_PREFIX):
-                    files.append(artifacts / "store" / json.loads(value)["artifact_id"])
-    folder = artifacts / name
+                    ids.append(json.loads(value)["artifact_id"])
+    folder = store.root / name
+    files = [store.root / "store" / a for a in ids]
     paths = [p for p in [folder, *files] if p.exists()]
-    where = f"; {folder} and {len(files)} stored checkpoint(s)" if paths else ""
-    return (f"study {name!r}: {len(pipe.stages)} stage studies with {trials} trials, its"
-            f" pipeline and worker rows{where}", paths)
+    if store.url and not keep_objects:
+        store.check()  # one clear line before anything is deleted, not a listing's traceback
+    objects = [] if keep_objects else store.study_objects(name, ids)
+    what = (f"study {name!r}: {len(pipe.stages)} stage studies with {trials} trials, its"
+            f" pipeline and worker rows")
+    if paths:
+        what += f"; {folder} and {len(files)} stored checkpoint(s)"
+    if objects:
+        what += f"; {len(objects)} object(s) in {store.url}"
+    if store.url and keep_objects:
+        what += f" (objects under {store.url}/{name} in the bucket are kept)"
+    return DeletePlan(what, paths, objects)
 
 
-def delete(storage: optuna.storages.RDBStorage, name: str, paths: list[Path]) -> None:
-    """Stage studies first, then the pipeline's rows, then files: a delete cut short leaves the
-    pipeline row, so running it again finishes the job."""
+def delete(storage: optuna.storages.RDBStorage, name: str, plan: DeletePlan,
+           store: Artifacts) -> None:
+    """The bucket's objects first, then the stage studies, then the pipeline's rows, then
+    files: a delete cut short leaves the pipeline row, so running it again finishes the job
+    (and no row is left naming an object that is gone while the rows are kept)."""
+    store.delete_objects(plan.objects)
     pipe = pipeline.load(storage, name)
     for stage in pipe.stages:
         try:
@@ -198,9 +244,8 @@ def delete(storage: optuna.storages.RDBStorage, name: str, paths: list[Path]) ->
         conn.execute(sa.delete(registry.workers).where(registry.workers.c.pipeline == name))
         conn.execute(sa.delete(registry.stages).where(registry.stages.c.pipeline == name))
         conn.execute(sa.delete(registry.pipelines).where(registry.pipelines.c.name == name))
-    for p in paths:
+    for p in plan.paths:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-

@@ -123,12 +123,18 @@ class Predictor:
         with torch.inference_mode():
             return self.bundle.module(x).exp()
 
-    def predict(self, data: bytes, top_k: int, max_pixels: int = MAX_PIXELS) -> list[dict]:
-        """One image file's top-k classes: [{"index", "name", "probability"}], best first."""
-        b = self.bundle
-        image = decode_upload(data, b.image_size, b.in_channels, max_pixels)
-        probs = self.probabilities(image[None])[0]
-        k = max(1, min(top_k, len(b.classes)))
-        values, indices = probs.topk(k)
-        return [{"index": int(i), "name": b.classes[int(i)], "probability": float(v)}
+    def decode(self, data: bytes, max_pixels: int = MAX_PIXELS) -> Tensor:
+        """An image file -> the model's uint8 (C, S, S) input; ImageError when it is not one."""
+        return decode_upload(data, self.bundle.image_size, self.bundle.in_channels, max_pixels)
+
+    def top(self, probs: Tensor, top_k: int) -> list[dict]:
+        """One image's probabilities -> its top-k classes: [{"index", "name", "probability"}],
+        best first."""
+        classes = self.bundle.classes
+        values, indices = probs.topk(max(1, min(top_k, len(classes))))
+        return [{"index": int(i), "name": classes[int(i)], "probability": float(v)}
                 for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
+
+    def predict(self, data: bytes, top_k: int, max_pixels: int = MAX_PIXELS) -> list[dict]:
+        """One image file's top-k classes, in a forward pass of its own."""
+        return self.top(self.probabilities(self.decode(data, max_pixels)[None])[0], top_k)

@@ -3,11 +3,13 @@ ensemble (no database needed), on FastAPI and uvicorn, bound to 127.0.0.1 by def
 
     GET  /         a page: choose or drop an image, see the top-3 classes as bars
     POST /predict  multipart field `file` (or a raw image body); `top_k`, `threshold` optional
-    GET  /health   {"status": "ok"}
+    GET  /health   {"status": "ok", "runtime", "kind", "batching": {limits and counts}}
     GET  /model    study, trial, metrics, classes, input size, preprocessing
 
 A bad upload is answered 4xx with {"error": "<one sentence>"}; the upload is only ever held in
 memory (the body is read up to the size limit before it is parsed), so nothing reaches the disk.
+With `--max-batch N` (N > 1) requests that arrive together share a forward pass
+(trainer.batching; `--batch-wait-ms`); by default each has its own.
 `hpo serve STUDY` (search/results/serve.py) builds the model from a study and calls `serve`.
 """
 
@@ -15,8 +17,9 @@ memory (the body is read up to the size limit before it is parsed), so nothing r
 # and they name classes imported inside make_app.
 import argparse
 import contextlib
+import dataclasses
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +34,9 @@ RUNTIMES = ("torch", "onnx", "int8")
 MAX_UPLOAD = 10 * 1024 * 1024
 DEFAULT_THRESHOLD = 0.7
 DEFAULT_PORT = 8000
+DEFAULT_MAX_BATCH = 1  # batching is opt-in: BENCHMARKS.md, prediction latency
+DEFAULT_BATCH_WAIT_MS = 0.0  # take what queued during the last pass; never wait when idle
+MAX_BATCH_WAIT_MS = 10_000.0
 
 
 class HttpError(Exception):
@@ -40,7 +46,9 @@ class HttpError(Exception):
 
 
 def make_app(predictor: "Predictor", *, threshold: float = DEFAULT_THRESHOLD,
-             max_upload: int = MAX_UPLOAD, max_pixels: int = MAX_PIXELS) -> Any:
+             max_upload: int = MAX_UPLOAD, max_pixels: int = MAX_PIXELS,
+             max_batch: int = DEFAULT_MAX_BATCH,
+             batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> Any:
     """The FastAPI application serving `predictor`."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -48,10 +56,19 @@ def make_app(predictor: "Predictor", *, threshold: float = DEFAULT_THRESHOLD,
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
+    from trainer.batching import Batcher
     from trainer.predict import ImageError
     from trainer.serve_page import page
 
-    app = FastAPI(title="resnet-hpo prediction service", docs_url="/docs", redoc_url=None)
+    batcher = Batcher(predictor.probabilities, max_batch, batch_wait_ms / 1000)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        yield
+        await batcher.close()
+
+    app = FastAPI(title="resnet-hpo prediction service", docs_url="/docs", redoc_url=None,
+                  lifespan=lifespan)
     described = {**predictor.bundle.describe(), "runtime": predictor.runtime,
                  "threshold": threshold, "max_upload_bytes": max_upload,
                  "max_pixels": max_pixels}
@@ -78,7 +95,9 @@ def make_app(predictor: "Predictor", *, threshold: float = DEFAULT_THRESHOLD,
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "runtime": predictor.runtime, "kind": predictor.bundle.kind}
+        return {"status": "ok", "runtime": predictor.runtime, "kind": predictor.bundle.kind,
+                "batching": {"max_batch": max_batch, "wait_ms": batch_wait_ms,
+                             **dataclasses.asdict(batcher.stats)}}
 
     @app.get("/model")
     async def model() -> dict[str, Any]:
@@ -95,7 +114,11 @@ def make_app(predictor: "Predictor", *, threshold: float = DEFAULT_THRESHOLD,
         data = await _read_image(request, max_upload)
         try:
             # Decoding and the forward pass hold the GIL only in parts: off the event loop.
-            top = await run_in_threadpool(predictor.predict, data, top_k, max_pixels)
+            if max_batch == 1:
+                top = await run_in_threadpool(predictor.predict, data, top_k, max_pixels)
+            else:
+                image = await run_in_threadpool(predictor.decode, data, max_pixels)
+                top = predictor.top(await batcher.submit(image), top_k)
         except ImageError as e:
             raise HttpError(e.status, str(e)) from None
         best = top[0]
@@ -151,12 +174,15 @@ async def _multipart_file(headers: Any, body: bytes, limit: int) -> bytes:
 
 
 def serve(predictor: "Predictor", *, host: str, port: int, threshold: float,
-          max_upload: int = MAX_UPLOAD, max_pixels: int = MAX_PIXELS) -> int:
+          max_upload: int = MAX_UPLOAD, max_pixels: int = MAX_PIXELS,
+          max_batch: int = DEFAULT_MAX_BATCH, batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> int:
     """Run the service until SIGINT or SIGTERM (uvicorn finishes requests in flight)."""
     import uvicorn
 
     check_threshold(threshold)
-    app = make_app(predictor, threshold=threshold, max_upload=max_upload, max_pixels=max_pixels)
+    check_batching(max_batch, batch_wait_ms)
+    app = make_app(predictor, threshold=threshold, max_upload=max_upload, max_pixels=max_pixels,
+                   max_batch=max_batch, batch_wait_ms=batch_wait_ms)
     b = predictor.bundle
     print(f"serving {b.kind} model ({len(b.members)} member(s), {len(b.classes)} classes,"
           f" {predictor.runtime}) on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
@@ -187,6 +213,14 @@ def check_threshold(threshold: float) -> None:
         raise ConfigError(f"--threshold must be between 0 and 1, not {threshold}")
 
 
+def check_batching(max_batch: int, wait_ms: float) -> None:
+    if max_batch < 1:
+        raise ConfigError(f"--max-batch must be at least 1, not {max_batch}")
+    if not 0 <= wait_ms <= MAX_BATCH_WAIT_MS:
+        raise ConfigError(
+            f"--batch-wait-ms must be between 0 and {MAX_BATCH_WAIT_MS:g}, not {wait_ms:g}")
+
+
 def add_flags(p: argparse.ArgumentParser) -> None:
     """The flags both serve commands take."""
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -202,6 +236,13 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                    help=f"largest width x height decoded (default {MAX_PIXELS})")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for inference")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help="most images in one forward pass when requests arrive together"
+                        f" (default {DEFAULT_MAX_BATCH}: a pass per request; 32 serves more"
+                        " requests a second under load on PyTorch, at some latency alone)")
+    p.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS,
+                   help="how long a request waits for others to share its pass (default"
+                        f" {DEFAULT_BATCH_WAIT_MS:g})")
 
 
 def start(bundle: Any, args: argparse.Namespace, onnx_model: bytes | None = None) -> int:
@@ -209,13 +250,15 @@ def start(bundle: Any, args: argparse.Namespace, onnx_model: bytes | None = None
     import torch
 
     check_threshold(args.threshold)
+    check_batching(args.max_batch, args.batch_wait_ms)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     from trainer.predict import Predictor
 
     predictor = Predictor(bundle, args.runtime, onnx_model=onnx_model, threads=args.threads)
     return serve(predictor, host=args.host, port=args.port, threshold=args.threshold,
-                 max_upload=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels)
+                 max_upload=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
+                 max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
 
 
 def _exported_model(folder: Path, runtime: str) -> bytes | None:
@@ -244,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.bundle import load_export
 
         check_threshold(args.threshold)
+        check_batching(args.max_batch, args.batch_wait_ms)
         bundle = load_export(args.export)
         return start(bundle, args, _exported_model(args.export, args.runtime))
     except ConfigError as e:

@@ -38,6 +38,9 @@ DIRECTIONS: sa.Table = _models.StudyDirectionModel.__table__
 
 # The system attribute prefix under which `optuna.artifacts.upload_artifact` records an artifact.
 ARTIFACTS_ATTR_PREFIX: str = _ARTIFACTS_PREFIX
+# The system attribute in which `Study.enqueue_trial` keeps a WAITING trial's values (its
+# `params` stay empty until a worker asks for them).
+FIXED_PARAMS = "fixed_params"
 
 
 def intermediate_value(value: float | None, kind: Any) -> float:

@@ -94,9 +94,10 @@ def export(storage: optuna.storages.RDBStorage, pipe: Pipeline, args: argparse.N
 
 def serve(storage: optuna.storages.RDBStorage, pipe: Pipeline, args: argparse.Namespace) -> int:
     from trainer.bundle import from_checkpoints
-    from trainer.serve import check_threshold, start
+    from trainer.serve import check_batching, check_threshold, start
 
     check_threshold(args.threshold)
+    check_batching(args.max_batch, args.batch_wait_ms)
     paths, members = _checkpoints(top_trials(storage, args.study, pipe, args.top),
                                   args.artifacts)
     bundle = from_checkpoints(paths, members)

@@ -24,7 +24,9 @@ def run_local(
     if threads <= 0:
         # Workers share the cores: oversubscribed BLAS threads would slow every one of them.
         threads = max(1, (os.cpu_count() or 1) // workers)
-    env = {**os.environ, "HPO_STORAGE": url}  # not argv: the process list would show a password
+    # HPO_STORAGE, not argv: the process list would show a password. A stop of `hpo run` is the
+    # user's (Ctrl-C): its workers exit 0 then, whatever a fleet's HPO_STOPPED_EXIT_CODE says.
+    env = {**os.environ, "HPO_STORAGE": url, "HPO_STOPPED_EXIT_CODE": "0"}
     cmd = [sys.executable, "-m", "search.cli", "worker", "--study", study,
            "--artifacts", str(artifacts), "--threads", str(threads)]
     if fault:

@@ -5,7 +5,9 @@ Data and a distillation teacher stay cached in the process between trials (the t
 A failing trial rarely ends the worker: OOM and divergence become pruned trials with a reason, any
 other error a failed one (ERROR_LIMIT in a row stop it: exit 1). SIGTERM stops the running trial
 at its next step, hands it back for another worker to resume from its last epoch checkpoint, and
-exits 0. A machine that cannot read the data hands its trial back the same way and exits 3.
+exits 0, or `stopped_exit_code` (`--stopped-exit-code`) when the search is not done yet (a
+Kubernetes Job takes a pod's exit 0 for "the queue is empty"). A machine that cannot read the
+data hands its trial back the same way and exits 3.
 
 The parts: `Worker.open` does the set-up I/O (claims a device, opens the database, reads the
 pipeline); `run` registers the worker, installs the signal handlers, and runs the stages in order
@@ -70,9 +72,10 @@ class Worker:
         self, url: str, study: str, pipe: Pipeline, storage: optuna.storages.RDBStorage, *,
         device: str, artifacts: Artifacts, fault: str = "",
         train: objective.Train = objective.train_lazily, device_lock: int | None = None,
-        test: winner.Evaluate = winner.evaluate_lazily,
+        test: winner.Evaluate = winner.evaluate_lazily, stopped_exit_code: int = 0,
     ) -> None:
         self.url, self.study, self.pipeline, self.storage = url, study, pipe, storage
+        self.stopped_exit_code = stopped_exit_code  # after a stop with the search not done
         self.device, self.artifacts, self.fault, self.train = device, artifacts, fault, train
         self.test = test  # evaluates the winner on the test split, once the pipeline is done
         self._device_lock = device_lock  # the GPU claim lives as long as this descriptor is open
@@ -87,13 +90,14 @@ class Worker:
     def open(
         cls, url: str, study: str, *, device: str = "auto", artifacts: Artifacts, fault: str = "",
         train: objective.Train = objective.train_lazily,
-        test: winner.Evaluate = winner.evaluate_lazily,
+        test: winner.Evaluate = winner.evaluate_lazily, stopped_exit_code: int = 0,
     ) -> Worker:
         """Claim the device, open the database and read the study's pipeline."""
         name, lock = worker_device(device)
         storage = open_storage(url)
         return cls(url, study, pipeline.load(storage, study), storage, device=name,
-                   artifacts=artifacts, fault=fault, train=train, device_lock=lock, test=test)
+                   artifacts=artifacts, fault=fault, train=train, device_lock=lock, test=test,
+                   stopped_exit_code=stopped_exit_code)
 
     def run(self) -> int:
         self._install_signals()
@@ -105,6 +109,7 @@ class Worker:
             pipeline.load_stage_study(self.storage, self.study, s) for s in self.pipeline.stages
         ])
         state, reason = "failed", "stopped by an error in the worker"
+        done = False
         try:
             with Beat(self.storage, self.worker_id, lambda: self._studies) as beat:
                 ends = []
@@ -112,7 +117,8 @@ class Worker:
                     ends.append(self._run_stage(index, beat))
                     if ends[-1] != StageEnd.CLOSED:
                         break
-                if ends.count(StageEnd.CLOSED) == len(self.pipeline.stages):
+                done = ends.count(StageEnd.CLOSED) == len(self.pipeline.stages)
+                if done:
                     beat.note(current="testing the winner")
                     self._test_winner()
             if self.exit_code:
@@ -121,7 +127,7 @@ class Worker:
                 reason = self.reason
                 return self.exit_code
             state, reason = ("stopped", "") if self.stop.is_set() else ("done", "")
-            return 0
+            return self.stopped_exit_code if self.stop.is_set() and not done else 0
         finally:
             with_retry("sign off", lambda: registry.touch_worker(
                 self.storage.engine, self.worker_id, state=state, current=reason[:256],

@@ -42,6 +42,11 @@ def test_the_summary_counts_epochs_to_randoms_final_mean_best() -> None:
     assert random.to_random == 6 and random.reached == 1 and random.ratio == 1
     assert staged.to_random == 2 and staged.reached == 2  # epochs 1 and 3
     assert staged.ratio == pytest.approx(2 / 6)
+    # Mean curves of the best so far: random's is 0.15, 0.25, 0.4, 0.6, 0.65, 0.7 (its last rise
+    # at epoch 6); staged's (seed 0 keeps 0.9 after its 4 epochs) 0.6, 0.75: epoch 2.
+    assert se.mean_best_curve(runs[:2], 8)[:6] == pytest.approx([0.15, 0.25, 0.4, 0.6, 0.65, 0.7])
+    assert (random.curve_to_random, random.curve_ratio) == (6, 1)
+    assert staged.curve_to_random == 2 and staged.curve_ratio == pytest.approx(2 / 6)
     # Best at 50% (4 epochs), 75% (6) and 100% (8), the 0.99 of epoch 9 outside the budget.
     assert [m for m, _ in staged.best] == pytest.approx([0.825, 0.825, 0.825])
     assert [m for m, _ in random.best] == pytest.approx([0.6, 0.7, 0.7])
@@ -51,9 +56,21 @@ def test_the_summary_counts_epochs_to_randoms_final_mean_best() -> None:
     assert "random's final mean best 0.7000" in text and "0.33" in text
 
 
+def test_the_paired_table_subtracts_seed_by_seed() -> None:
+    runs = [se.Run("staged", 0, curve=[0.5, 0.9]), se.Run("staged", 1, curve=[0.6, 0.6]),
+            se.Run("tpe", 0, curve=[0.7, 0.7]), se.Run("tpe", 1, curve=[0.6, 0.8]),
+            se.Run("tpe", 2, curve=[0.9, 0.9])]  # no staged seed 2: left out of the pairs
+    mode = se.Mode(**{**asdict(se.MODES["digits"]["quick"]), "budget": 2})
+    lines = se.paired_table(mode, runs, ("staged", "tpe"), "staged")
+    (row,) = [line for line in lines if "joint TPE" in line]
+    # At 50% (1 epoch): -0.2 and 0.0, mean -0.1; at 100%: +0.2 and -0.2, mean 0.
+    assert "-0.1000 ± 0.1414 (1/2)" in row and "+0.0000 ± 0.2828 (1/2)" in row, row
+
+
 def test_without_random_runs_there_is_no_goal() -> None:
     goal, lines = se.efficiency([se.Run("tpe", 0, curve=[0.5])], ("tpe",), budget=1)
     assert goal is None and lines[0].to_random is None and lines[0].ratio is None
+    assert lines[0].curve_to_random is None and lines[0].curve_ratio is None
 
 
 @pytest.mark.parametrize("task", se.TASKS)
@@ -69,9 +86,11 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
         names = [s.name for s in stages]
         if method == "staged":
             assert names == ["optimizer", "architecture", "regularization"]
-        elif method == "cyclic":
+        elif method in ("cyclic", "patience"):
             assert names == ["optimizer", "architecture", "regularization", "optimizer-2",
                              "architecture-2", "regularization-2"]
+            patience = [s.patience for s in stages]
+            assert patience == ([3, 2, 2, 3, 2, None] if method == "patience" else [None] * 6)
         else:
             assert names == ["joint"] and len(stages[0].params) == 10
         if method in se.SERVICE:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from search.runtime.worker import EXIT_ERRORS, EXIT_NO_DATA
 from tests.deploy import (
     ENV_EXAMPLE,
     ROOT,
@@ -140,7 +141,7 @@ def test_the_worker_pods_run_what_the_compose_worker_runs(
     assert [_expand(a, env) for a in worker["args"]] == \
         [a.replace(read_env_file()["HPO_STUDY"], settings["HPO_STUDY"]) for a in command]
     assert set(compose_env) <= set(env), set(compose_env) - set(env)
-    assert set(env) - set(compose_env) <= {"HPO_STUDY", "HPO_SPACE"}
+    assert set(env) - set(compose_env) <= {"HPO_STUDY", "HPO_SPACE", "HPO_STOPPED_EXIT_CODE"}
     for key in set(compose_env) - DEVIATIONS:
         assert env[key] == compose_env[key], key
     assert env["HPO_DEVICE"] == ("cuda:0" if overlay == "gpu" else "cpu")
@@ -158,7 +159,17 @@ def test_the_worker_pods_run_what_the_compose_worker_runs(
     # Time to hand the trial back: at least what compose gives; a work queue of N pods.
     grace = _grace_seconds(str(load_compose()["services"]["worker"]["stop_grace_period"]))
     assert pod["terminationGracePeriodSeconds"] >= grace
-    assert pod["restartPolicy"] == "OnFailure" and "completions" not in job["spec"]
+    assert pod["restartPolicy"] == "Never" and "completions" not in job["spec"]
+    # A stopped worker's exit status is one the Job ignores (a new pod takes its place), a user
+    # error fails the Job at once; exit 0 is left to a worker that found the search done.
+    stopped = int(env["HPO_STOPPED_EXIT_CODE"])
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    codes = {r["action"]: set(r["onExitCodes"]["values"]) for r in rules if "onExitCodes" in r}
+    assert codes == {"Ignore": {stopped}, "FailJob": {2}}
+    assert all(r["onExitCodes"]["containerName"] == worker["name"]
+               for r in rules if "onExitCodes" in r)
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+    assert stopped not in (0, 2, EXIT_ERRORS, EXIT_NO_DATA)
     limits = worker.get("resources", {}).get("limits", {})
     assert limits.get("nvidia.com/gpu") == (1 if overlay == "gpu" else None)
     if overlay == "gpu":

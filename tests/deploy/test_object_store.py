@@ -62,6 +62,33 @@ SPACE = """
 """
 
 
+def test_delete_keeps_the_bucket_only_when_asked(
+    pg_url: str, tmp_path: Path, s3: dict[str, str]
+) -> None:
+    space = write_space(tmp_path / "s.toml", SPACE)
+    for name in ("kept", "gone", "gone-not"):  # "gone-not" shares a prefix with "gone"
+        made = hpo("create", "--space", str(space), "--study", name, url=pg_url, cwd=tmp_path)
+        assert made.returncode == 0, made.stderr
+        for n in range(3):
+            _client(s3).put_object(Bucket=BUCKET, Key=f"{PREFIX}/{name}/o/trial-{n}/best.pt",
+                                   Body=b"x")
+    kept = hpo("delete", "kept", "--yes", "--keep-objects", url=pg_url, cwd=tmp_path,
+               HPO_ARTIFACTS=STORE, **s3)
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    assert f"objects under {STORE}/kept in the bucket are kept" in kept.stdout
+    gone = hpo("delete", "gone", "--yes", url=pg_url, cwd=tmp_path, HPO_ARTIFACTS=STORE, **s3)
+    assert gone.returncode == 0, gone.stderr[-3000:]
+    assert f"3 object(s) in {STORE}" in gone.stdout, gone.stdout
+    assert {k.split("/")[0] for k in _keys(s3)} == {"kept", "gone-not"}
+    names = {s.study_name for s in optuna.get_all_study_summaries(open_storage(pg_url))}
+    assert {n.split("/")[0] for n in names} == {"gone-not"}, names
+    # An unreachable bucket: one line, exit 2, nothing deleted.
+    bad = hpo("delete", "gone-not", "--yes", url=pg_url, cwd=tmp_path,
+              HPO_ARTIFACTS=f"s3://no-such-bucket-{os.getpid()}", **s3)
+    assert bad.returncode == 2 and "is not reachable" in bad.stderr, bad.stderr
+    assert pipeline.load(open_storage(pg_url), "gone-not").stages
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -229,6 +256,16 @@ def test_workers_that_share_no_folder_resume_and_distil_through_the_bucket(
     finally:
         dash.terminate()
         dash.wait(30)
+
+    # hpo delete removes the study's objects from the bucket too: its checkpoints and the
+    # Optuna artifacts its trials recorded; another study's objects stay.
+    other = {f"{PREFIX}/s2/optimizer/trial-00000/best.pt", f"{PREFIX}/store/not-ours"}
+    for key in other:
+        _client(s3).put_object(Bucket=BUCKET, Key=key, Body=b"x")
+    gone = hpo("delete", "s", "--yes", url=pg_url, cwd=d_dir, HPO_ARTIFACTS=STORE, **s3)
+    assert gone.returncode == 0, gone.stderr[-3000:]
+    assert f"{len(keys)} object(s) in {STORE}" in gone.stdout, gone.stdout
+    assert _keys(s3) == {k.removeprefix(PREFIX + "/") for k in other}
 
 
 def _fetch(address: str, proc: subprocess.Popen, log: Path) -> bytes:

@@ -21,6 +21,10 @@ CASES = {
     "unknown device": (["worker", "--study", "x", "--device", "gpu7"], "device: 'gpu7'"),
     "absent CUDA device": (["worker", "--study", "x", "--device", "cuda:3"], "cuda:3"),
     "bad study name": (["create", "--space", "SPACE", "--study", "a b/c"], "study name"),
+    "bad number in the environment": (["worker", "--study", "x"],
+                                      "HPO_STOPPED_EXIT_CODE='abc' is not a whole number"),
+    "exit status out of range": (["worker", "--study", "x", "--stopped-exit-code", "300"],
+                                 "--stopped-exit-code 300: an exit status is 0 to 255"),
 }
 
 
@@ -34,7 +38,8 @@ def test_bad_cli_input_is_one_clear_line(case: str, tmp_path: Path) -> None:
         assert hpo("create", "--space", str(space), "--study", "other", url=url,
                    cwd=tmp_path).returncode == 0
     before = sorted(os.listdir(tmp_path))
-    result = hpo(*args, url=url, cwd=tmp_path, timeout=120)
+    env = {"HPO_STOPPED_EXIT_CODE": "abc"} if case == "bad number in the environment" else {}
+    result = hpo(*args, url=url, cwd=tmp_path, timeout=120, **env)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr

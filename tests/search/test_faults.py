@@ -102,23 +102,29 @@ def test_sigkilled_worker_trial_is_retried_from_its_checkpoint(pg_url: str, tmp_
     assert len(trials) == 5
 
 
-def test_sigterm_hands_the_trial_back_and_exits_zero(pg_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stopped", [None, 143])
+def test_sigterm_hands_the_trial_back(
+    pg_url: str, tmp_path: Path, stopped: int | None
+) -> None:
+    # With HPO_STOPPED_EXIT_CODE (the Kubernetes Job's 143) a stop before the end says so in its
+    # exit status; a worker that finishes the search exits 0 all the same.
+    env = {} if stopped is None else {"HPO_STOPPED_EXIT_CODE": str(stopped)}
     space = _one_stage(tmp_path, trials=1, epochs=6, width=0.5)
     assert hpo("create", "--space", str(space), "--study", "t", url=pg_url,
                cwd=tmp_path).returncode == 0
     study = _study(pg_url, "t")
-    first = start_worker("t", url=pg_url, cwd=tmp_path, log=tmp_path / "first.log")
+    first = start_worker("t", url=pg_url, cwd=tmp_path, log=tmp_path / "first.log", **env)
     wait_for(lambda: any(len(t.intermediate_values) >= 1
                           for t in study.get_trials(states=(TrialState.RUNNING,))),
               "an epoch to be reported")
     first.send_signal(signal.SIGTERM)
-    assert first.wait(timeout=60) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    assert first.wait(timeout=60) == (stopped or 0), (tmp_path / "first.log").read_text()[-3000:]
     handed = study.get_trials()[0]
     assert handed.state == TrialState.FAIL
     assert handed.user_attrs["fail_reason"] == "interrupted"
     assert [t.state for t in study.get_trials()[1:]] == [TrialState.WAITING]
 
-    second = start_worker("t", url=pg_url, cwd=tmp_path, log=tmp_path / "second.log")
+    second = start_worker("t", url=pg_url, cwd=tmp_path, log=tmp_path / "second.log", **env)
     assert second.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-3000:]
     retry = study.get_trials()[1]
     assert retry.state == TrialState.COMPLETE and retry.params == handed.params

@@ -38,6 +38,7 @@ from tests.helpers import (
     start_stub_worker,
     stop_process,
     tiny_space,
+    write_space,
 )
 from tests.search.test_dashboard_api import _free_port
 from tests.search.test_live_view import _tmux
@@ -254,6 +255,47 @@ def test_extend_the_last_stage_and_enqueue_a_configuration(done: tuple[str, str,
     assert pipeline.counts(study).finished == budget
     shown = hpo("status", "m", url=url, cwd=cwd)
     assert "enqueued by a user 1" in shown.stdout, shown.stdout
+
+
+FINITE = """
+    dataset = "digits"
+    [fixed]
+    model = "resnet20"
+    [[stage]]
+    name = "architecture"
+    trials = 3
+    epochs = 1
+    [stage.params]
+    width = { choices = [0.25, 0.5] }
+    se = { choices = [false, true] }
+"""
+
+
+def test_a_finite_stage_refuses_a_held_configuration_and_a_budget_past_its_size(
+    tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    space = write_space(tmp_path / "finite.toml", FINITE)
+    assert hpo("create", "--space", str(space), "--study", "f", url=url,
+               cwd=tmp_path).returncode == 0
+    one = json.dumps({"width": 0.25, "se": False})
+    queued = hpo("enqueue", "f", "--stage", "architecture", "--params", one, url=url, cwd=tmp_path)
+    assert queued.returncode == 0, queued.stderr
+    again = hpo("enqueue", "f", "--stage", "architecture", "--params", one, url=url, cwd=tmp_path)
+    assert again.returncode == 2
+    assert "trial #0 (waiting) holds" in again.stderr, again.stderr
+    # Values left to the sampler may still be queued (a repeat is caught when it would train).
+    part = hpo("enqueue", "f", "--stage", "architecture", "--params", '{"width": 0.25}', url=url,
+               cwd=tmp_path)
+    assert part.returncode == 0, part.stderr
+    past = hpo("extend", "f", "--stage", "architecture", "--trials", "5", url=url, cwd=tmp_path)
+    assert past.returncode == 2 and "4 distinct configurations" in past.stderr, past.stderr
+    up = hpo("extend", "f", "--stage", "architecture", "--trials", "4", url=url, cwd=tmp_path)
+    assert up.returncode == 0, up.stderr
+    study = pipeline.load_stage_study(open_storage(url), "f",
+                                      pipeline.load(open_storage(url), "f").stages[0])
+    assert [t.state for t in study.get_trials()] == [TrialState.WAITING] * 2
+    assert study.user_attrs[BUDGET] == 4
 
 
 def test_delete_waits_for_live_workers_then_removes_everything(

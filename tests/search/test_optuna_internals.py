@@ -73,6 +73,15 @@ def _artifacts() -> None:
     assert isinstance(ARTIFACTS_ATTR_PREFIX, str) and ARTIFACTS_ATTR_PREFIX
 
 
+def _fixed_params() -> None:
+    from search.db.optuna_private import FIXED_PARAMS
+
+    study = optuna.create_study()
+    study.enqueue_trial({"x": 0.5})
+    (waiting,) = study.get_trials()
+    assert waiting.params == {} and waiting.system_attrs[FIXED_PARAMS] == {"x": 0.5}
+
+
 def _tpe() -> None:
     from optuna.samplers._tpe import sampler
     from optuna.search_space.group_decomposed import (
@@ -104,6 +113,7 @@ CHECKS: dict[str, tuple[str, Callable[..., None]]] = {
     "trial and study": (f"{DOOR} and {SAMPLER}", _trial_and_study),
     "stale trials": (DOOR, _stale_trials),
     "artifact records": (DOOR, _artifacts),
+    "enqueued values": (DOOR, _fixed_params),
     "TPE internals": (f"{SAMPLER} (TPESampler)", _tpe),
     "median pruner": (f"{SAMPLER} (MedianPruner)", _median),
 }

@@ -153,6 +153,28 @@ def test_a_concurrent_burst_is_answered_in_full(server: Server) -> None:
         assert same_answer(answer["predictions"], alone[i % 12]), i
 
 
+def test_requests_that_arrive_together_share_a_forward_pass(
+    exports: dict[str, Path], tmp_path: Path
+) -> None:
+    # A batch of 4 waits up to 10 s for its last image, and leaves as soon as it is full: the 4
+    # concurrent requests make one pass, however fast this machine is.
+    images = [encode(digit_image(i), "png-gray") for i in range(4)]
+    server = start_server([sys.executable, "-m", "trainer.serve", str(exports["single"]),
+                           "--max-batch", "4", "--batch-wait-ms", "10000"], cwd=tmp_path,
+                          log=tmp_path / "batched.log")
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda data: predict(server.base, data), images))
+        batching = get_json(f"{server.base}/health")["batching"]
+    finally:
+        server.stop()
+    assert batching == {"max_batch": 4, "wait_ms": 10000, "batches": 1, "images": 4,
+                        "largest": 4}
+    for data, (status, answer) in zip(images, answers, strict=True):
+        assert status == 200
+        assert same_answer(answer["predictions"], in_process(exports["single"], data))
+
+
 def test_a_restarted_server_answers_the_same(exports: dict[str, Path], tmp_path: Path) -> None:
     data = encode(digit_image(7), "png-rgb")
     cmd = [sys.executable, "-m", "trainer.serve", str(exports["single"])]
@@ -212,7 +234,9 @@ def test_bad_flags_are_one_line_and_exit_2(finished_study: tuple[str, Path],
     assert missing.returncode == 2 and "no config.json" in missing.stderr, missing.stderr
     for args, words in ((["serve", "done", "--threshold", "2"], "--threshold"),
                         (["serve", "nosuch"], "nosuch"),
-                        (["serve", "done", "--top", "99"], "--top 99")):
+                        (["serve", "done", "--top", "99"], "--top 99"),
+                        (["serve", "done", "--max-batch", "0"], "--max-batch"),
+                        (["serve", "done", "--batch-wait-ms", "-1"], "--batch-wait-ms")):
         run = hpo(*args, url=url, cwd=cwd, timeout=300)
         assert run.returncode == 2, (args, run.stderr[-2000:])
         assert words in run.stderr and "Traceback" not in run.stderr, run.stderr
