@@ -622,6 +622,18 @@ def efficiency_table(mode: Mode, runs: Sequence[Run], methods: Sequence[str]) ->
     return out
 
 
+def stage_gains(run: Run, budget: int) -> list[tuple[str, int, int, float, float]]:
+    """Each stage of a service run within the budget: (name, first epoch, last epoch, its best
+    val_acc, how much it raised the best of the stages before it)."""
+    out, best_so_far = [], 0.0
+    for st in run.stages:
+        first, last = st["first"], min(st["last"], budget)
+        best = max(run.curve[first - 1:last], default=0.0) if first <= budget else 0.0
+        out.append((st["name"], first, last, best, max(0.0, best - best_so_far)))
+        best_so_far = max(best_so_far, best)
+    return out
+
+
 def paired_table(mode: Mode, runs: Sequence[Run], methods: Sequence[str],
                  ours: str) -> list[str]:
     """`ours` against each other method, seed by seed: the mean and standard deviation of the
@@ -709,15 +721,21 @@ def report(mode: Mode, runs: list[Run], methods: tuple[str, ...], wall: float,
         print(f"  {LABELS[method]:<27}" + "; ".join(cells))
     for r in [r for m in SERVICE for r in by_method.get(m, [])]:
         parts = []
-        for st in r.stages:
-            first, last = st["first"], min(st["last"], budget)
-            if first > budget:
-                parts.append(f"{st['name']} not reached")
-                continue
-            best = max(r.curve[first - 1:last], default=0.0)
-            parts.append(f"{st['name']} epochs {first}-{last} ({st['trials']} trials),"
-                         f" best {best:.4f}")
+        for st, (name, first, last, best, gain) in zip(r.stages, stage_gains(r, budget),
+                                                        strict=True):
+            parts.append(f"{name} not reached" if first > budget else
+                         f"{name} epochs {first}-{last} ({st['trials']} trials), best"
+                         f" {best:.4f} (+{gain:.4f})")
         print(f"  {r.method} s{r.seed} ({r.note}): " + "; ".join(parts))
+    for method in SERVICE:
+        raised: dict[str, list[int]] = {}
+        for r in by_method.get(method, []):
+            for name, first, _, _, gain in stage_gains(r, budget):
+                if first <= budget:
+                    raised.setdefault(name.split("-")[0], []).append(gain > 0)
+        if raised:
+            print(f"  {method}: stages that raised the best so far: " + ", ".join(
+                f"{name} {sum(v)}/{len(v)}" for name, v in raised.items()))
     if "staged" in by_method:
         # Censored runs count as the budget: a lower bound of what they would have needed.
         def mean_hits(rs: list[Run]) -> float:

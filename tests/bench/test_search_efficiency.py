@@ -67,6 +67,17 @@ def test_the_paired_table_subtracts_seed_by_seed() -> None:
     assert "-0.1000 ± 0.1414 (1/2)" in row and "+0.0000 ± 0.2828 (1/2)" in row, row
 
 
+def test_stage_gains_are_rises_of_the_best_so_far() -> None:
+    run = se.Run("cyclic", 0, curve=[0.5, 0.6, 0.55, 0.58, 0.7, 0.2],
+                 stages=[{"name": "optimizer", "first": 1, "last": 2},
+                         {"name": "architecture", "first": 3, "last": 4},
+                         {"name": "optimizer-2", "first": 5, "last": 6}])
+    gains = se.stage_gains(run, budget=5)
+    assert [(n, f, last) for n, f, last, _, _ in gains] == [
+        ("optimizer", 1, 2), ("architecture", 3, 4), ("optimizer-2", 5, 5)]
+    assert [g for *_, g in gains] == pytest.approx([0.6, 0.0, 0.1])
+
+
 def test_without_random_runs_there_is_no_goal() -> None:
     goal, lines = se.efficiency([se.Run("tpe", 0, curve=[0.5])], ("tpe",), budget=1)
     assert goal is None and lines[0].to_random is None and lines[0].ratio is None
