@@ -230,8 +230,8 @@ def plan_delete(
 def delete(storage: optuna.storages.RDBStorage, name: str, plan: DeletePlan,
            store: Artifacts) -> None:
     """The bucket's objects first, then the stage studies, then the pipeline's rows, then
-    files: a delete cut short leaves the pipeline row, so running it again finishes the job
-    (and no row is left naming an object that is gone while the rows are kept)."""
+    files: a delete cut short leaves the pipeline row, so running it again finishes the job (a
+    bucket that refuses a delete stops it before any row goes)."""
     store.delete_objects(plan.objects)
     pipe = pipeline.load(storage, name)
     for stage in pipe.stages:
