@@ -51,7 +51,8 @@ MAX_BYTES = 1 << 20  # a space file is a few KiB; anything near this is a mistak
 # The metrics a pipeline may optimise, with their direction: the trainer's, which keeps the
 # best epoch by the same metric (`best_metric`, set from the pipeline's metric).
 METRICS: dict[str, Direction] = METRIC_DIRECTIONS
-TOP_KEYS = ("dataset", "metric", "fixed", "stage", "cycles", "joint", "ties", "confirm")
+TOP_KEYS = ("dataset", "metric", "fixed", "stage", "cycles", "joint", "screen", "ties",
+            "confirm")
 # TrainConfig fields the worker sets for each trial, whatever a space file says: where and how a
 # trial runs, not what it computes (so they are left out of a trial's recorded configuration).
 WORKER_OWNED = ("checkpoint_dir", "device", "resume", "fault", "test")
@@ -63,6 +64,11 @@ CONFIRM_STAGE = "confirm"  # the name of the confirmation stage a `confirm` tabl
 # have (teacher: it searches kd_alpha only with one).
 JOINT_KEYS = ("trials", "epochs", "pruner", "sampler", "fixed", "warm_start", "patience")
 JOINT = "joint"  # the name of the joint stage
+# The `screen` table: a first stage over every stage's params, so the coordinate stages refine a
+# base found with all groups at once (the groups interact: BENCHMARKS.md). Nothing runs before
+# it, so it has nothing to warm-start from.
+SCREEN_KEYS = ("trials", "epochs", "pruner", "sampler", "fixed", "patience")
+SCREEN = "screen"  # the name of the screening stage
 MAX_CYCLES = 5  # passes over the stages; more is a joint search done slowly
 # Which of equal-valued complete trials is best: the earlier one (stage, then trial number), the
 # later one, or the one with the lower recorded validation loss (then the earlier).
@@ -152,7 +158,7 @@ class Stage:
 class Pipeline:
     """A whole space file, checked; stages run in order. `stages` is the expanded list: the
     file's stages, then `cycles - 1` more passes over them (`<name>-<k>`), then the joint stage
-    when the file has a `joint` table."""
+    when the file has a `joint` table; the screening stage first when it has a `screen` table."""
 
     dataset: str
     metric: str
@@ -160,6 +166,7 @@ class Pipeline:
     stages: tuple[Stage, ...]  # the confirmation stage, if any, last
     cycles: int = 1
     joint: bool = False  # the last stage before the confirmation stage is the joint stage
+    screen: bool = False  # the first stage is the screening stage
     ties: str = "earlier"  # one of TIES
     confirm: Confirm | None = None
 
@@ -281,6 +288,8 @@ def parse_space(data: dict, source: str) -> Pipeline:
     stages += _later_passes(stages, cycles, source)
     if JOINT in data:
         stages.append(_joint(data[JOINT], stages, source))
+    if SCREEN in data:
+        stages.insert(0, _all_params(data[SCREEN], SCREEN, SCREEN_KEYS, stages, source))
     confirm = None
     if "confirm" in data:
         if CONFIRM_STAGE in {stage.name for stage in stages}:
@@ -290,8 +299,8 @@ def parse_space(data: dict, source: str) -> Pipeline:
         stages.append(Stage(CONFIRM_STAGE, confirm.top * confirm.seeds,
                             confirm.epochs or stages[-1].epochs, Pruner("none"),
                             confirms=confirm))
-    pipeline = Pipeline(dataset, metric, fixed, tuple(stages), cycles, JOINT in data, ties,
-                        confirm)
+    pipeline = Pipeline(dataset, metric, fixed, tuple(stages), cycles, JOINT in data,
+                        screen=SCREEN in data, ties=ties, confirm=confirm)
     _check_configs(pipeline, source)
     return pipeline
 
@@ -395,22 +404,30 @@ def _later_passes(first: list[Stage], cycles: int, source: str) -> list[Stage]:
 
 
 def _joint(raw: Any, stages: list[Stage], source: str) -> Stage:
-    """The joint stage: every stage's params (a parameter in several: the last definition wins),
-    warm-started by default, read like a stage otherwise."""
-    at = f"{source}: {JOINT}"
+    """The joint stage: every stage's params, warm-started by default."""
+    if isinstance(raw, dict):
+        raw = {"warm_start": True, **raw}
+    return _all_params(raw, JOINT, JOINT_KEYS, stages, source)
+
+
+def _all_params(raw: Any, name: str, keys: tuple[str, ...], stages: list[Stage],
+                source: str) -> Stage:
+    """The joint or screening stage called `name`: every stage's params (a parameter in several:
+    the last definition wins), read like a stage from the table's `keys` otherwise."""
+    at = f"{source}: {name}"
     if not isinstance(raw, dict):
         raise SpaceError(f"{at}: expected a table like {{ trials = 20, epochs = 10 }}, got"
                          f" {show(raw)}")
-    no_unknown_keys(raw, JOINT_KEYS, f"{at}: ")
-    taken = [i for i, stage in enumerate(stages) if stage.name == JOINT]
+    no_unknown_keys(raw, keys, f"{at}: ")
+    taken = [i for i, stage in enumerate(stages) if stage.name == name]
     if taken:
-        raise SpaceError(f"{at}: the joint stage is named {JOINT!r}, as is stage #{taken[0] + 1};"
-                         " rename that stage")
+        raise SpaceError(f"{at}: the {name} stage is named {name!r}, as is stage"
+                         f" #{taken[0] + 1}; rename that stage")
     params = {key: param for stage in stages for key, param in stage.params.items()}
     if "kd_alpha" in params:
-        raise SpaceError(f"{at}: the joint stage would search kd_alpha, but it has no teacher to"
-                         " distil from; drop the joint table, or search kd_alpha in no stage")
-    table = {"name": JOINT, "warm_start": True, **raw,
+        raise SpaceError(f"{at}: the {name} stage would search kd_alpha, but it has no teacher to"
+                         f" distil from; drop the {name} table, or search kd_alpha in no stage")
+    table = {"name": name, **raw,
              "params": {key: param_table(param) for key, param in params.items()}}
     return _stage(table, len(stages), [s.name for s in stages], stages, source)
 
@@ -495,7 +512,8 @@ def _to_data(pipeline: Pipeline) -> dict[str, Any]:
     patience, confirm) only when it differs
     from its default, so the stored pipelines of older files keep their digest."""
     searched = [stage for stage in pipeline.stages if stage.confirms is None]
-    first = searched[:(len(searched) - pipeline.joint) // pipeline.cycles]
+    body = searched[pipeline.screen:]
+    first = body[:(len(body) - pipeline.joint) // pipeline.cycles]
     stages = []
     for stage in first:
         data: dict[str, Any] = {
@@ -521,15 +539,21 @@ def _to_data(pipeline: Pipeline) -> dict[str, Any]:
     if pipeline.ties != "earlier":
         out["ties"] = pipeline.ties
     if pipeline.joint:
-        joint = searched[-1]
-        out[JOINT] = {"trials": joint.trials, "epochs": joint.epochs,
-                      "pruner": joint.pruner.table(), "sampler": dataclasses.asdict(joint.sampler),
-                      "fixed": dict(joint.fixed)} | _stage_extras(joint, default_warm=True)
+        out[JOINT] = _derived(searched[-1], default_warm=True)
+    if pipeline.screen:
+        out[SCREEN] = _derived(searched[0], default_warm=False)
     if pipeline.confirm is not None:
         c = pipeline.confirm
         out["confirm"] = {"top": c.top, "seeds": c.seeds,
                           **({"epochs": c.epochs} if c.epochs is not None else {})}
     return out
+
+
+def _derived(stage: Stage, default_warm: bool) -> dict[str, Any]:
+    """The table of a stage whose params are derived (joint, screen)."""
+    return {"trials": stage.trials, "epochs": stage.epochs, "pruner": stage.pruner.table(),
+            "sampler": dataclasses.asdict(stage.sampler),
+            "fixed": dict(stage.fixed)} | _stage_extras(stage, default_warm)
 
 
 def _stage_extras(stage: Stage, default_warm: bool) -> dict[str, Any]:

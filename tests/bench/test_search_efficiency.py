@@ -102,6 +102,11 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
                              "architecture-2", "regularization-2"]
             patience = [s.patience for s in stages]
             assert patience == ([3, 2, 2, 3, 2, None] if method == "patience" else [None] * 6)
+        elif method == "screened":
+            assert names == ["screen", "optimizer", "architecture", "regularization"]
+            # The screen searches every parameter the stages do, each stage its own group.
+            assert set(stages[0].params) == {k for s in stages[1:] for k in s.params}
+            assert len(stages[0].params) == 10
         else:
             assert names == ["joint"] and len(stages[0].params) == 10
         if method in se.SERVICE:
@@ -138,6 +143,9 @@ def test_the_last_stage_takes_what_pruning_saves() -> None:
     assert (full.budget, full.epochs, full.warmup) == (120, 4, 3)
     assert se.configurations(se.stage_params(full)[1][1]) == 8
     assert se.stage_trials(full, 1) == [12, 9, math.ceil((120 - 3 * (12 + 8)) / 3)]
+    # A 0.3 screen: 36 epochs (9 trials), the stages 0.7 of SHARES (33.6, 25.2 epochs: 8 and 6
+    # trials), the last what 9 + 8 + 6 trials stopped at epoch 3 leave: ceil((120 - 69) / 3).
+    assert se.stage_trials(full, 1, 0.3) == [9, 8, 6, 17]
 
 
 def test_a_stored_run_is_reused_only_for_the_same_runs(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
-"""The staging keys of a space file (cycles, joint, ties, warm_start, patience): what each expands
-to, every bad value refused with one line naming file, key and value, the stored JSON in the
-file's own shape, and the digests of files that use none of them unchanged."""
+"""The staging keys of a space file (cycles, joint, screen, ties, warm_start, patience): what each
+expands to, every bad value refused with one line naming file, key and value, the stored JSON in
+the file's own shape, and the digests of files that use none of them unchanged."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ DIGESTS = {
         "6ebeb5a199e0886021540a32360fd723a045ab4e2dec6eed2261062b29bb7879",
 }
 JOINT = 'joint = { trials = 5, epochs = 2 }'
+SCREEN = 'screen = { trials = 6, epochs = 2 }'
 KD = ARCH.replace("width = {", "kd_alpha = { low = 0.1, high = 0.9 }\nwidth = {")
 
 BAD = [
@@ -63,6 +64,20 @@ BAD = [
      ["joint", "kd_alpha", "no teacher"]),
     ("a stage named joint", space(top=JOINT, name="joint"),
      ["joint", "as is stage #1", "rename"]),
+    ("screen not a table", space(top='screen = "yes"'), ["screen", "expected a table", "'yes'"]),
+    ("screen with params", space(top="screen = { trials = 2, epochs = 2, params = {} }"),
+     ["screen", "params", "unknown key"]),
+    ("screen warm-started", space(top="screen = { trials = 2, epochs = 2, warm_start = true }"),
+     ["screen", "warm_start", "unknown key"]),
+    ("screen without epochs", space(top="screen = { trials = 2 }"),
+     ["stage 'screen'", "epochs", "missing"]),
+    ("screen bad sampler", space(top="screen = { trials = 2, epochs = 2, sampler = "
+                                     "{ startup_trials = -1 } }"),
+     ["stage 'screen'", "sampler", "startup_trials"]),
+    ("screen with distillation", space(top=SCREEN, later=DISTIL),
+     ["screen", "kd_alpha", "no teacher"]),
+    ("a stage named screen", space(top=SCREEN, name="screen"),
+     ["screen", "as is stage #1", "rename"]),
     ("a later pass's name taken", space(top="cycles = 2",
                                         later=ARCH.replace("architecture", "optimizer-2")),
      ["cycles", "pass 2 of stage 'optimizer'", "'optimizer-2'", "rename"]),
@@ -102,9 +117,10 @@ def test_files_without_the_keys_keep_their_stored_digest(name: str) -> None:
     pipeline = load_space(SPACES / name)
     assert pipeline.digest() == DIGESTS[name]
     stored = json.loads(pipeline.to_json())
-    assert not {"cycles", "joint", "ties"} & stored.keys()
+    assert not {"cycles", "joint", "screen", "ties"} & stored.keys()
     assert not any({"warm_start", "patience"} & s.keys() for s in stored["stage"])
-    assert (pipeline.cycles, pipeline.joint, pipeline.ties) == (1, False, "earlier")
+    assert (pipeline.cycles, pipeline.joint, pipeline.screen, pipeline.ties) == (
+        1, False, False, "earlier")
 
 
 def test_cycles_repeat_the_stages_warm_started_with_a_teacher_of_the_same_pass(
@@ -145,8 +161,28 @@ def test_the_joint_stage_searches_every_parameter_last_definition_winning(
     assert not cold.stages[-1].warm_start
 
 
+def test_the_screen_runs_first_over_every_parameter_and_is_not_repeated(tmp_path: Path) -> None:
+    later = ARCH + "lr = { low = 0.02, high = 0.2 }\n"
+    text = space(top=f"cycles = 2\n{JOINT}\nscreen = {{ trials = 6, epochs = 4, patience = 3,"
+                     " sampler = { startup_trials = 2 }, fixed = { momentum = 0.8 } }",
+                 later=later)
+    pipeline = load_space(write(tmp_path, text))
+    assert pipeline.screen and pipeline.joint
+    assert [s.name for s in pipeline.stages] == [
+        "screen", "optimizer", "architecture", "optimizer-2", "architecture-2", "joint"]
+    screen = pipeline.stages[0]
+    assert screen.params == {"lr": FloatParam(0.02, 0.2),
+                             **pipeline.stage("architecture").params}
+    assert (screen.trials, screen.epochs, screen.patience, screen.sampler.startup_trials,
+            screen.fixed, screen.warm_start) == (6, 4, 3, 2, {"momentum": 0.8}, False)
+    # The stages after it are those of a file without it.
+    plain = load_space(write(tmp_path, space(top=f"cycles = 2\n{JOINT}", later=later)))
+    assert pipeline.stages[1:] == plain.stages and not plain.screen
+
+
 @pytest.mark.parametrize("top", [
-    "cycles = 2", 'ties = "later"', 'ties = "val_loss"', JOINT,
+    "cycles = 2", 'ties = "later"', 'ties = "val_loss"', JOINT, SCREEN,
+    f"cycles = 2\n{JOINT}\n" + SCREEN.replace("}", ", patience = 2 }"),
     "cycles = 3\n" + JOINT.replace("}", ", warm_start = false, patience = 2 }"),
 ])
 def test_stored_in_the_files_own_shape_and_read_back_equal(tmp_path: Path, top: str) -> None:
@@ -163,7 +199,7 @@ def test_stored_in_the_files_own_shape_and_read_back_equal(tmp_path: Path, top: 
 
 def test_each_key_changes_the_digest(tmp_path: Path) -> None:
     plain = load_space(write(tmp_path, space())).digest()
-    for top, stage in [("cycles = 2", ""), ('ties = "later"', ""), (JOINT, ""),
+    for top, stage in [("cycles = 2", ""), ('ties = "later"', ""), (JOINT, ""), (SCREEN, ""),
                        ("", "warm_start = true"), ("", "patience = 3")]:
         assert load_space(write(tmp_path, space(top=top, stage=stage))).digest() != plain, top
     # Written at their defaults, the keys leave the digest alone.

@@ -250,3 +250,36 @@ def test_two_passes_and_a_joint_stage_run_to_the_end(storage_url: str, tmp_path:
     assert expected["joint"] == sum(budgets[:4])
     status = hpo("status", "cyc", url=storage_url, cwd=tmp_path)
     assert status.returncode == 0 and "joint" in status.stdout, status.stderr
+
+
+SCREENED = CYCLIC.replace("    cycles = 2\n", "    [screen]\n    trials = 5\n    epochs = 2\n"
+                          '    pruner = {{ type = "none" }}\n'
+                          "    sampler = {{ startup_trials = 2 }}\n").split("    [joint]")[0]
+
+
+def test_a_screen_runs_first_and_the_stages_open_from_its_best(storage_url: str,
+                                                               tmp_path: Path) -> None:
+    space = write_space(tmp_path / "scr.toml", SCREENED.format(trials1=3, trials2=3))
+    created = hpo("create", "--space", str(space), "--study", "scr", url=storage_url,
+                  cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    log = tmp_path / "w.log"
+    code = start_stub_worker("scr", url=storage_url, cwd=tmp_path, log=log).wait(timeout=600)
+    assert code == 0, log.read_text()[-3000:]
+
+    storage = open_storage(storage_url)
+    pipe = pipeline.load(storage, "scr")
+    assert [s.name for s in pipe.stages] == ["screen", "optimizer", "regularization"]
+    studies = [pipeline.load_stage_study(storage, "scr", s) for s in pipe.stages]
+    assert [len(s.get_trials(states=(TrialState.COMPLETE,))) for s in studies] == [5, 3, 3]
+    # The screen searched both parameters at once; the optimizer stage opened from its best,
+    # keeping the weight decay the best screen trial ran with.
+    screen_best = studies[0].best_trial
+    assert set(screen_best.params) == {"lr", "weight_decay"}
+    opened = registry.get_stage(storage.engine, "scr", "optimizer")
+    assert opened is not None
+    assert opened.carried == screen_best.params
+    assert {t.user_attrs["config"]["weight_decay"] for t in studies[1].get_trials()} == {
+        screen_best.params["weight_decay"]}
+    status = hpo("status", "scr", url=storage_url, cwd=tmp_path)
+    assert status.returncode == 0 and "screen" in status.stdout, status.stderr
