@@ -66,9 +66,11 @@ JOINT_KEYS = ("trials", "epochs", "pruner", "sampler", "fixed", "warm_start", "p
 JOINT = "joint"  # the name of the joint stage
 # The `screen` table: a first stage over every stage's params, so the coordinate stages refine a
 # base found with all groups at once (the groups interact: BENCHMARKS.md). Nothing runs before
-# it, so it has nothing to warm-start from.
+# it, so it has nothing to warm-start from, and no teacher: it leaves out the distillation
+# params, which stay at their base (no distillation) until the stage that has one.
 SCREEN_KEYS = ("trials", "epochs", "pruner", "sampler", "fixed", "patience")
 SCREEN = "screen"  # the name of the screening stage
+DISTILLATION = ("kd_alpha", "kd_temperature")
 MAX_CYCLES = 5  # passes over the stages; more is a joint search done slowly
 # Which of equal-valued complete trials is best: the earlier one (stage, then trial number), the
 # later one, or the one with the lower recorded validation loss (then the earlier).
@@ -289,7 +291,8 @@ def parse_space(data: dict, source: str) -> Pipeline:
     if JOINT in data:
         stages.append(_joint(data[JOINT], stages, source))
     if SCREEN in data:
-        stages.insert(0, _all_params(data[SCREEN], SCREEN, SCREEN_KEYS, stages, source))
+        stages.insert(0, _all_params(data[SCREEN], SCREEN, SCREEN_KEYS, stages, source,
+                                     leave_out=DISTILLATION))
     confirm = None
     if "confirm" in data:
         if CONFIRM_STAGE in {stage.name for stage in stages}:
@@ -410,10 +413,11 @@ def _joint(raw: Any, stages: list[Stage], source: str) -> Stage:
     return _all_params(raw, JOINT, JOINT_KEYS, stages, source)
 
 
-def _all_params(raw: Any, name: str, keys: tuple[str, ...], stages: list[Stage],
-                source: str) -> Stage:
-    """The joint or screening stage called `name`: every stage's params (a parameter in several:
-    the last definition wins), read like a stage from the table's `keys` otherwise."""
+def _all_params(raw: Any, name: str, keys: tuple[str, ...], stages: list[Stage], source: str,
+                leave_out: tuple[str, ...] = ()) -> Stage:
+    """The joint or screening stage called `name`: every stage's params but `leave_out` (a
+    parameter in several: the last definition wins), read like a stage from the table's `keys`
+    otherwise."""
     at = f"{source}: {name}"
     if not isinstance(raw, dict):
         raise SpaceError(f"{at}: expected a table like {{ trials = 20, epochs = 10 }}, got"
@@ -423,7 +427,10 @@ def _all_params(raw: Any, name: str, keys: tuple[str, ...], stages: list[Stage],
     if taken:
         raise SpaceError(f"{at}: the {name} stage is named {name!r}, as is stage"
                          f" #{taken[0] + 1}; rename that stage")
-    params = {key: param for stage in stages for key, param in stage.params.items()}
+    params = {key: param for stage in stages for key, param in stage.params.items()
+              if key not in leave_out}
+    if not params:
+        raise SpaceError(f"{at}: the stages search nothing the {name} stage could search")
     if "kd_alpha" in params:
         raise SpaceError(f"{at}: the {name} stage would search kd_alpha, but it has no teacher to"
                          f" distil from; drop the {name} table, or search kd_alpha in no stage")

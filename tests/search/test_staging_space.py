@@ -74,8 +74,9 @@ BAD = [
     ("screen bad sampler", space(top="screen = { trials = 2, epochs = 2, sampler = "
                                      "{ startup_trials = -1 } }"),
      ["stage 'screen'", "sampler", "startup_trials"]),
-    ("screen with distillation", space(top=SCREEN, later=DISTIL),
-     ["screen", "kd_alpha", "no teacher"]),
+    ("screen over distillation only", space(top=SCREEN, params="kd_temperature = { low = 1.0, "
+                                            "high = 4.0 }").replace("lr = {", "# lr = {"),
+     ["screen", "search nothing the screen stage could search"]),
     ("a stage named screen", space(top=SCREEN, name="screen"),
      ["screen", "as is stage #1", "rename"]),
     ("a later pass's name taken", space(top="cycles = 2",
@@ -178,6 +179,10 @@ def test_the_screen_runs_first_over_every_parameter_and_is_not_repeated(tmp_path
     # The stages after it are those of a file without it.
     plain = load_space(write(tmp_path, space(top=f"cycles = 2\n{JOINT}", later=later)))
     assert pipeline.stages[1:] == plain.stages and not plain.screen
+    # Beside distillation it leaves the distillation params at their base: it has no teacher.
+    distil = load_space(write(tmp_path, space(top=SCREEN, later=DISTIL.replace(
+        "width = {", "kd_temperature = { low = 1.0, high = 8.0 }\nwidth = {"))))
+    assert set(distil.stages[0].params) == {"lr", "width"}
 
 
 @pytest.mark.parametrize("top", [
