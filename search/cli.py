@@ -26,7 +26,7 @@ from search.artifacts import ArtifactsError, open_artifacts
 from search.db import pipeline
 from search.db.storage import StorageError, open_storage, redact, resolve_url
 from search.space.spec import Pipeline, SpaceError, check_data, load_space
-from trainer.contract import ConfigError, NoFreeDevice
+from trainer.contract import MAX_DROP, ConfigError, NoFreeDevice
 
 if TYPE_CHECKING:
     from search.db.winner import Evaluate
@@ -144,9 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--quantize", choices=("int8",),
                    help="also write model.int8.onnx (static int8, calibrated on the train split;"
                         " implies onnx) and print its test accuracy beside fp32's")
-    c.add_argument("--max-accuracy-drop", type=float, default=0.01,
+    c.add_argument("--max-accuracy-drop", type=float, default=MAX_DROP,
                    help="refuse the int8 model if it loses more test accuracy than this"
-                        " fraction (default 0.01: one point)")
+                        f" fraction (default {MAX_DROP}: one point)")
 
     c = command("serve", "a prediction web page and JSON API for the best trial(s)", _serve)
     c.add_argument("study")

@@ -46,6 +46,9 @@ __all__ = [
 # weights of the best epoch (the model a trial produced). best.pt is always written first.
 LAST = "last.pt"
 BEST = "best.pt"
+# The default largest test accuracy (a fraction) an int8 export may lose against fp32: the
+# trainer's (trainer/quantize.py) and the CLI's `--max-accuracy-drop`.
+MAX_DROP = 0.01
 
 Direction = Literal["maximize", "minimize"]
 # The per-epoch validation metrics a run records in its history (and may keep its best epoch

@@ -13,6 +13,7 @@ import torch
 from trainer import checkpoint
 from trainer.augment import mean_std_tensors
 from trainer.config import with_overrides
+from trainer.contract import MAX_DROP
 from trainer.data import load_data
 from trainer.device import resolve_runtime
 from trainer.evaluate import as_test_metrics, evaluate
@@ -69,7 +70,7 @@ def _is_ensemble(folder: Path) -> bool:
 
 def export_bundle(bests: list[Path], out: str | Path, members: list[dict[str, Any]],
                   formats: list[str], quantize: str | None = None,
-                  max_drop: float = 0.01) -> tuple[Path, dict[str, Any]]:
+                  max_drop: float = MAX_DROP) -> tuple[Path, dict[str, Any]]:
     """One model (a single `bests`) or an ensemble that averages the members' softmax, plus the
     portable `formats` (trainer.portable) and, with `quantize="int8"`, the int8 ONNX model
     (trainer.quantize; it implies the fp32 ONNX file, which it is measured against). Everything

@@ -25,11 +25,11 @@ from torch import Tensor
 
 from trainer.bundle import Bundle
 from trainer.config import ConfigError, TrainConfig
+from trainer.contract import MAX_DROP
 
 FILE = "model.int8.onnx"
 MODES = ("int8",)  # `--quantize` values
 CALIBRATION_IMAGES = 512  # train images the activation ranges are measured on
-MAX_DROP = 0.01  # default: largest test accuracy (fraction) the int8 model may lose
 _BATCH = 64
 
 
