@@ -615,6 +615,43 @@ def efficiency(runs: Sequence[Run], methods: Sequence[str], budget: int,
     return goal, lines
 
 
+def trial_bests(run: Run, epochs: int) -> list[float]:
+    """Each trial's best val_acc, for a run whose trials all train `epochs` (random search: no
+    pruning); a last trial cut by the budget is left out."""
+    curve = run.curve
+    return [max(curve[i:i + epochs]) for i in range(0, len(curve) - epochs + 1, epochs)]
+
+
+def expected_best(values: Sequence[float], k: int) -> float:
+    """The expected best of `k` trials drawn at random (with replacement) from `values`: with
+    v_1 <= ... <= v_n, the best is v_i with probability (i/n)^k - ((i-1)/n)^k."""
+    ordered, n = sorted(values), len(values)
+    return sum(v * ((i / n) ** k - ((i - 1) / n) ** k) for i, v in enumerate(ordered, start=1))
+
+
+def random_expectation(mode: Mode, runs: Sequence[Run]) -> list[str]:
+    """Random search's best at each FRACTION as the seeds drew it, beside what it is expected to
+    be: every random trial of every seed pooled, k trials drawn from the pool. Its trials are
+    independent draws, so the gap is the luck of the seeds' draws; the joint methods share a
+    seed's sampler, so their start-up trials (the first `startup`) are the same draws."""
+    randoms = [r for r in runs if r.method == "random"]
+    pool = [v for r in randoms for v in trial_bests(r, mode.epochs)]
+    if not pool:
+        return []
+    cells = []
+    for f in (0.25, *FRACTIONS):
+        k = round(mode.budget * f) // mode.epochs
+        if k == 0:  # not one whole trial yet
+            continue
+        seen = statistics.mean(r.best(k * mode.epochs) for r in randoms)
+        cells.append(f"{f:.0%}: {seen:.4f} drawn, {expected_best(pool, k):.4f} expected")
+    first = [statistics.mean(trial_bests(r, mode.epochs)[:mode.startup]) for r in randoms]
+    return [f"random search, {len(randoms)} seeds, {len(pool)} trials pooled: best at " +
+            "; ".join(cells),
+            f"  its first {mode.startup} trials (the joint methods' start-up) averaged"
+            f" {statistics.mean(first):.4f}, all {len(pool)} {statistics.mean(pool):.4f}"]
+
+
 def efficiency_table(mode: Mode, runs: Sequence[Run], methods: Sequence[str]) -> list[str]:
     """The summary table of one task, as lines of text."""
     budget = mode.budget
@@ -770,6 +807,7 @@ def report(mode: Mode, runs: list[Run], methods: tuple[str, ...], wall: float,
                       f" {mean_hits(ours):.0f} vs {mean_hits(theirs):.0f}"
                       f" (a run that never reached it counted as {budget})")
     print("\n" + "\n".join(efficiency_table(mode, runs, methods)))
+    print("\n".join(random_expectation(mode, runs)))
     for ours in SERVICE:
         if ours in by_method:
             print("\n" + "\n".join(paired_table(mode, runs, methods, ours)))

@@ -165,3 +165,22 @@ def test_a_stored_run_is_reused_only_for_the_same_runs(tmp_path: Path) -> None:
     assert se.finished(out, mode) is None
     out.write_text(json.dumps(stored)[:40])  # cut short
     assert se.finished(out, mode) is None
+
+
+def test_random_searchs_expected_best_is_read_from_its_pooled_trials() -> None:
+    # Two values: one draw is either, two draws miss the better only if both take the worse.
+    assert se.expected_best([0.0, 1.0], 1) == pytest.approx(0.5)
+    assert se.expected_best([1.0, 0.0], 2) == pytest.approx(0.75)
+    assert se.expected_best([0.3, 0.3, 0.3], 5) == pytest.approx(0.3)
+    # Each trial's best of its 2 epochs; the trailing half trial (cut by the budget) left out.
+    run = se.Run("random", 0, curve=[0.1, 0.4, 0.2, 0.3, 0.9])
+    assert se.trial_bests(run, 2) == [0.4, 0.3]
+    mode = se.Mode(**{**asdict(se.MODES["digits-hard"]["quick"]), "budget": 4, "epochs": 2,
+                      "startup": 1})
+    lines = se.random_expectation(mode, [run, se.Run("random", 1, curve=[0.5, 0.6, 0.0, 0.2]),
+                                         se.Run("tpe", 0, curve=[1.0] * 4)])
+    # 4 trials pooled (0.4, 0.3, 0.6, 0.2); at 50% (1 trial) the seeds drew 0.4 and 0.6.
+    assert lines[0].startswith("random search, 2 seeds, 4 trials pooled")
+    assert "50%: 0.5000 drawn, 0.3750 expected" in lines[0] and "25%" not in lines[0]
+    assert "first 1 trials (the joint methods' start-up) averaged 0.5000, all 4 0.3750" in lines[1]
+    assert se.random_expectation(mode, [se.Run("tpe", 0, curve=[1.0] * 4)]) == []
