@@ -104,10 +104,11 @@ TASKS = ("digits", "digits-hard", "synthetic-hard")
 SHARES = (0.4, 0.3, 0.3)
 # `screened`: a first stage over all ten parameters at once (its TPE warm-up random, then joint
 # TPE) gets this share of the budget, the three stages the rest in SHARES, one pass from its best.
-# Measured on both hard tasks (BENCHMARKS.md), two random trials over every parameter beat two of
-# the optimizer stage on the default base by 0.06 (digits-hard 0.942 vs 0.877, synthetic-hard
-# 0.600 vs 0.535), and joint TPE found its best within 36 epochs of 120 on digits-hard: the groups
-# interact, so a short joint look finds a base that coordinate stages can then refine.
+# Why it was tried: in seeds 0-3 the joint methods' first two trials over every parameter beat the
+# optimizer stage's first two on the default base by 0.06 (digits-hard 0.942 against 0.877), and
+# joint TPE found its best within 36 of 120 epochs on digits-hard. Measured since (2 seeds a
+# task, BENCHMARKS.md) it did not help: those first trials were lucky draws of those seeds, and
+# most random configurations do not train in 4 epochs, so a screen is a short random search.
 SCREEN = 0.3
 
 
