@@ -65,9 +65,10 @@ CONFIRM_STAGE = "confirm"  # the name of the confirmation stage a `confirm` tabl
 JOINT_KEYS = ("trials", "epochs", "pruner", "sampler", "fixed", "warm_start", "patience")
 JOINT = "joint"  # the name of the joint stage
 # The `screen` table: a first stage over every stage's params, so the coordinate stages refine a
-# base found with all groups at once (the groups interact: BENCHMARKS.md). Nothing runs before
-# it, so it has nothing to warm-start from, and no teacher: it leaves out the distillation
-# params, which stay at their base (no distillation) until the stage that has one.
+# base found with all groups at once rather than the defaults (on the hard tasks it did not beat
+# one pass without it: BENCHMARKS.md, so no shipped file uses it). Nothing runs before it, so it
+# has nothing to warm-start from, and no teacher: it leaves out the distillation params, which
+# stay at their base (no distillation) until the stage that has one.
 SCREEN_KEYS = ("trials", "epochs", "pruner", "sampler", "fixed", "patience")
 SCREEN = "screen"  # the name of the screening stage
 DISTILLATION = ("kd_alpha", "kd_temperature")
@@ -515,8 +516,8 @@ def _kd_alphas(pipeline: Pipeline, stage: Stage, carried: dict[str, tuple[str, P
 
 def _to_data(pipeline: Pipeline) -> dict[str, Any]:
     """The file's own shape: its stages once (not their later passes, the joint or the
-    confirmation stage), and a key the file did not need (cycles, joint, ties, warm_start,
-    patience, confirm) only when it differs
+    confirmation stage), and a key the file did not need (cycles, joint, screen, ties,
+    warm_start, patience, confirm) only when it differs
     from its default, so the stored pipelines of older files keep their digest."""
     searched = [stage for stage in pipeline.stages if stage.confirms is None]
     body = searched[pipeline.screen:]
