@@ -1,7 +1,8 @@
 """Warm starts (`warm_start`, `cycles`, `joint`): the earlier trials chosen are exactly those that
 share the stage's base, TPE reads them in memory (it samples differently, from the first trial,
-and writes nothing of them), and a pipeline with a second pass and a joint stage runs end to end
-with stub workers, each stage spending exactly its budget."""
+and writes nothing of them), a pipeline with a second pass and a joint stage runs end to end
+with stub workers, each stage spending exactly its budget, and a `[screen]` runs first, the stages
+opening from its best."""
 
 from __future__ import annotations
 
