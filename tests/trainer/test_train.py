@@ -138,15 +138,22 @@ NOISY = cfg(epochs=4, lr=0.4, lr_floor=1.0, warmup_epochs=0.0)
 
 
 def test_the_kept_epoch_is_the_best_by_best_metric_in_its_direction(tmp_path: Path) -> None:
-    by_acc = train(replace(NOISY, checkpoint_dir=str(tmp_path / "acc")))
-    by_loss = train(replace(NOISY, best_metric="val_loss", checkpoint_dir=str(tmp_path / "loss")))
-    assert curve(by_acc) == curve(by_loss)  # the metric picks an epoch; it changes no training
-    history = by_acc.history
-    accs, losses = [h["val_acc"] for h in history], [h["val_loss"] for h in history]
-    # The first of equal values: a tie keeps the earlier epoch.
-    assert by_acc.best_epoch == accs.index(max(accs)) + 1
-    assert by_loss.best_epoch == losses.index(min(losses)) + 1
-    assert by_acc.best_epoch != by_loss.best_epoch  # else this config could not tell them apart
+    # Which seed's curve has its best accuracy and its lowest loss at different epochs depends on
+    # the CPU's float results, so the first of a few seeds that does is the one compared.
+    for seed in range(5):
+        at = tmp_path / f"s{seed}"
+        by_acc = train(replace(NOISY, seed=seed, checkpoint_dir=str(at / "acc")))
+        by_loss = train(replace(NOISY, seed=seed, best_metric="val_loss",
+                                checkpoint_dir=str(at / "loss")))
+        assert curve(by_acc) == curve(by_loss)  # the metric picks an epoch; it changes no training
+        history = by_acc.history
+        accs, losses = [h["val_acc"] for h in history], [h["val_loss"] for h in history]
+        # The first of equal values: a tie keeps the earlier epoch.
+        assert by_acc.best_epoch == accs.index(max(accs)) + 1
+        assert by_loss.best_epoch == losses.index(min(losses)) + 1
+        if by_acc.best_epoch != by_loss.best_epoch:
+            break
+    assert by_acc.best_epoch != by_loss.best_epoch, "no seed told the two metrics apart"
     for result in (by_acc, by_loss):
         kept = result.history[result.best_epoch - 1]
         assert (result.val_acc, result.val_loss, result.val_top5) == (
