@@ -40,7 +40,8 @@ def two_threads() -> Iterator[None]:
     # Measured 2026-12-03 (torch 2.14.1 on an AMD EPYC): a compiled training run on one intra-op
     # thread, the suite's setting (tests/conftest.py), aborts in inductor's oneDNN convolutions
     # ("free(): invalid next size"); on two it trains. The same run outside the suite, on the
-    # default threads, passes.
+    # default threads, passes. On an Intel Xeon (2026-12-04) one thread trains as well; the
+    # module keeps two so that it holds on either.
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield None
