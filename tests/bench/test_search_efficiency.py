@@ -107,6 +107,12 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
             # The screen searches every parameter the stages do, each stage its own group.
             assert set(stages[0].params) == {k for s in stages[1:] for k in s.params}
             assert len(stages[0].params) == 10
+        elif method == "coupled":
+            assert names == ["training", "architecture", "training-2"]
+            assert set(stages[0].params) == set(stages[2].params)
+            assert len(stages[0].params) == 7 and len(stages[1].params) == 3
+            # Only the last is warm-started: it repeats the first stage's parameters.
+            assert [s.warm_start for s in stages] == [False, False, True]
         else:
             assert names == ["joint"] and len(stages[0].params) == 10
         if method in se.SERVICE:
@@ -146,6 +152,10 @@ def test_the_last_stage_takes_what_pruning_saves() -> None:
     # A 0.3 screen: 36 epochs (9 trials), the stages 0.7 of SHARES (33.6, 25.2 epochs: 8 and 6
     # trials), the last what 9 + 8 + 6 trials stopped at epoch 3 leave: ceil((120 - 69) / 3).
     assert se.stage_trials(full, 1, 0.3) == [9, 8, 6, 17]
+    # `coupled`: 72 and 24 epochs (18 and 6 trials), the last what those stopped at epoch 3
+    # leave: ceil((120 - 72) / 3).
+    assert se.stage_trials(full, 1, stages=se.coupled_params(full), shares=se.COUPLED) == [
+        18, 6, 16]
 
 
 def test_a_stored_run_is_reused_only_for_the_same_runs(tmp_path: Path) -> None:
