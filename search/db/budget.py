@@ -20,7 +20,11 @@ running.
 
 A stage whose space is finite (only categorical and stepped parameters: `search.space.grid`) trains
 each configuration at most once: a new trial needs a configuration no trial holds yet as well as a
-slot, and once every configuration is finished the stage closes early ("space exhausted").
+slot, and once every configuration is finished the stage closes early ("space exhausted"). The
+configuration it carried in counts as one of them when an earlier stage's trial trained exactly
+the configuration this stage's trials start from (same parameters, epochs and seed: attribute
+`trained_before`, written when the stage opens, `search.db.pipeline.open_stage`); training it
+again would give the same result.
 
 A stage with `patience` N closes early too: when its last N finished trials (in the order they
 finished) did not improve its best complete value and none of its trials is running or waiting
@@ -54,6 +58,9 @@ from search.db.optuna_private import (
 
 BUDGET = "budget"  # study user attr: the stage's budget of finished trials
 SPACE_SIZE = "space_size"  # study user attr: its distinct configurations (absent: unbounded)
+# study user attr: the configuration (`grid.key`) the stage carried in, when a trial of an earlier
+# stage trained exactly it; it counts as held (absent: none)
+TRAINED_BEFORE = "trained_before"
 # study user attr, true once a confirmation stage queued its trials: it runs those and no others
 QUEUED_ONLY = "queued_only"
 PATIENCE = "patience"  # study user attr: finished trials without improvement that close it
@@ -74,6 +81,7 @@ class Limit:
     configurations: int | None = None
     queued_only: bool = False  # a confirmation stage: no new trials, only the queued ones
     patience: int | None = None  # None: the stage spends its budget
+    trained: str | None = None  # TRAINED_BEFORE: a configuration held from before the stage
 
 
 @dataclass(frozen=True)
@@ -156,7 +164,7 @@ def count(conn: sa.Connection, study_id: int, limit: Limit | None = None) -> Cou
     by_state = {_state(s): n for s, n in rows}
     configurations = 0
     if limit is not None and limit.configurations is not None:
-        configurations = _configurations(conn, study_id)
+        configurations = _configurations(conn, study_id, limit.trained)
     streak = None
     if limit is not None and limit.patience is not None:
         streak = _streak(conn, study_id)
@@ -197,7 +205,7 @@ def _streak(conn: sa.Connection, study_id: int) -> int | None:
     return since
 
 
-def _configurations(conn: sa.Connection, study_id: int) -> int:
+def _configurations(conn: sa.Connection, study_id: int, trained: str | None = None) -> int:
     holding = sa.select(_TRIALS.c.trial_id).where(
         _TRIALS.c.study_id == study_id, _TRIALS.c.state.in_(HOLDING))
     marks = conn.execute(
@@ -208,7 +216,8 @@ def _configurations(conn: sa.Connection, study_id: int) -> int:
     # A trial that has not reserved its configuration yet (`writes.reserve`: still sampling, or
     # waiting) holds one nobody knows: count it on its own, so two workers cannot both be
     # promised the last untried configuration.
-    return len({value for _, value in marks}) + trials - len(marks)
+    held = {json.loads(value) for _, value in marks} | ({trained} if trained else set())
+    return len(held) + trials - len(marks)
 
 
 def _state(value: str | int) -> TrialState:
@@ -218,14 +227,16 @@ def _state(value: str | int) -> TrialState:
 def read_limit(conn: sa.Connection, study_id: int) -> Limit:
     """The stage's budget, space size, patience and whether it runs queued trials only, as the
     database holds them."""
-    keys = (BUDGET, SPACE_SIZE, PATIENCE, QUEUED_ONLY)
+    keys = (BUDGET, SPACE_SIZE, PATIENCE, QUEUED_ONLY, TRAINED_BEFORE)
     attrs = dict(conn.execute(
         sa.select(_STUDY_ATTRS.c.key, _STUDY_ATTRS.c.value_json)
         .where(_STUDY_ATTRS.c.study_id == study_id, _STUDY_ATTRS.c.key.in_(keys))
     ).all())
-    trials, size, patience, queued = (json.loads(attrs[k]) if k in attrs else None for k in keys)
+    trials, size, patience, queued, trained = (
+        json.loads(attrs[k]) if k in attrs else None for k in keys)
     return Limit(None if trials is None else int(trials), None if size is None else int(size),
-                 queued_only=bool(queued), patience=None if patience is None else int(patience))
+                 queued_only=bool(queued), patience=None if patience is None else int(patience),
+                 trained=None if size is None or trained is None else str(trained))
 
 
 def state(engine: sa.Engine, study_id: int) -> tuple[Counts, Limit]:

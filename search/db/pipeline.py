@@ -13,6 +13,7 @@ import json
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import optuna
@@ -20,10 +21,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.db import budget, registry, writes
 from search.db import optuna_private as op
-from search.db.budget import BUDGET, PATIENCE, SPACE_SIZE, Counts
+from search.db.budget import BUDGET, PATIENCE, SPACE_SIZE, TRAINED_BEFORE, Counts
 from search.space import grid
 from search.space.params import ParamError, distribution, field_value, in_range
-from search.space.spec import Pipeline, Stage, base_config
+from search.space.spec import WORKER_OWNED, Pipeline, Stage, base_config
 from trainer.config import ConfigError, TrainConfig, with_overrides
 
 WARM_FROM = "warm_from"  # a warm trial's user attr: {"stage", "trial"} it was made from
@@ -278,7 +279,8 @@ def carried_from(trial: FrozenTrial) -> dict[str, Any]:
 def open_stage(
     storage: optuna.storages.RDBStorage, name: str, pipeline: Pipeline, index: int
 ) -> registry.OpenedStage:
-    """The carried values of stage `index`, recording them first if nobody has."""
+    """The carried values of stage `index`, recording them first if nobody has, and whether an
+    earlier stage trained the configuration its trials start from (`trained_before`)."""
     stage = pipeline.stages[index]
     opened = registry.get_stage(storage.engine, name, stage.name)
     if opened is None:
@@ -288,7 +290,44 @@ def open_stage(
         # worker that died between the two leaves the queue to the next.
         writes.queue_candidates(load_stage_study(storage, name, stage),
                                 candidates(storage, name, pipeline, index))
-    return opened
+    trained = trained_before(storage, name, pipeline, index, opened)
+    if trained is not None:
+        # By every worker before its first trial, so that each one's count of held
+        # configurations includes it (`budget.count`); the value is the same for all.
+        study = load_stage_study(storage, name, stage)
+        if study.user_attrs.get(TRAINED_BEFORE) != trained:
+            study.set_user_attr(TRAINED_BEFORE, trained)
+    return replace(opened, trained=trained)
+
+
+def trained_before(
+    storage: optuna.storages.RDBStorage, name: str, pipeline: Pipeline, index: int,
+    opened: registry.OpenedStage,
+) -> str | None:
+    """`grid.key` of the configuration stage `index`'s trials start from, when its space is
+    finite, that configuration is one of the space's, and the trial it carried from recorded
+    the same configuration (every field but the worker's own: epochs, seed and the rest). That
+    trial's result is what training it again would give: training is deterministic for a seed.
+    Reads only."""
+    stage = pipeline.stages[index]
+    configurations = grid.configurations(stage.params)
+    origin = opened.source
+    if configurations is None or stage.confirms is not None or "trial" not in origin:
+        return None
+    try:
+        base = with_overrides(TrainConfig(), base_config(pipeline, stage, opened.carried))
+    except ConfigError:  # not a configuration any trial of the stage starts from
+        return None
+    key = grid.key({param: getattr(base, param) for param in stage.params})
+    if key not in {grid.key(c) for c in configurations}:
+        return None
+    earlier = load_stage_study(storage, name, pipeline.stage(origin["stage"]))
+    trial = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(
+        op.study_id(earlier), int(origin["trial"])))
+    expected = {k: v for k, v in base.to_dict().items() if k not in WORKER_OWNED}
+    recorded = trial.user_attrs.get("config")
+    same = json.dumps(recorded, sort_keys=True) == json.dumps(expected, sort_keys=True)
+    return key if same else None
 
 
 def _open_new(

@@ -53,6 +53,9 @@ workers = Table(
 class OpenedStage:
     carried: dict[str, Any]
     source: dict[str, Any]
+    # `grid.key` of the configuration the stage's trials start from, when the trial it carried
+    # from trained exactly it (set by `search.db.pipeline.open_stage`, not stored here)
+    trained: str | None = None
 
 
 def create_schema(engine: sa.Engine) -> None:

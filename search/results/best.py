@@ -33,6 +33,9 @@ class StageStatus:
     # Closed for want of improvement (`patience`): the stage study's `closed_early` record,
     # {"patience", "finished", "passed", "to"}; None: it was not.
     closed_early: dict[str, Any] | None = None
+    # The configuration it carried in is one of its space's and an earlier stage trained it
+    # (`budget.TRAINED_BEFORE`): it counts as trained, and the stage does not train it again.
+    trained_before: bool = False
 
     @property
     def verdict(self) -> str:
@@ -40,7 +43,8 @@ class StageStatus:
         said = []
         if self.exhausted and self.counts.finished < self.budget:
             said.append(f"closed early: all {self.counts.configurations} configurations of its"
-                        " space were trained")
+                        " space were trained" + (", the one it carried in by an earlier stage"
+                                                 if self.trained_before else ""))
         if self.closed_early is not None:
             c = self.closed_early
             passed = (f"passed {c['passed']} trials on to {c['to']}" if c.get("to")
@@ -83,6 +87,7 @@ def stage_status(
             carried=opened.carried if opened else None,
             seconds=sum((t.duration or timedelta()).total_seconds() for t in trials),
             not_beaten=not_beaten, closed_early=study.user_attrs.get(budget_rules.CLOSED_EARLY),
+            trained_before=limit.trained is not None,
         ))
     return out
 

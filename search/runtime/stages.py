@@ -98,8 +98,9 @@ class StageRunner:
         if not budget.closed(counts, limit):
             return False
         if budget.exhausted(counts, limit) and counts.finished < self.stage.trials:
-            log.info("stage %s: all %d configurations of its space are trained; closed early",
-                     self.stage.name, counts.configurations)
+            log.info("stage %s: all %d configurations of its space are trained%s; closed early",
+                     self.stage.name, counts.configurations,
+                     " (the one it carried in by an earlier stage)" if limit.trained else "")
         return True
 
     def _pass_budget_on(self) -> None:

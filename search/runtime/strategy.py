@@ -41,8 +41,11 @@ def make_pruner(stage: Stage) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def make_sampler(stage: Stage, seed: int, warm: Sequence[FrozenTrial] = ()) -> BaseSampler:
-    """`warm`: earlier trials to start TPE from (`search.db.pipeline.warm_trials`), in memory."""
+def make_sampler(stage: Stage, seed: int, warm: Sequence[FrozenTrial] = (),
+                 trained: str | None = None) -> BaseSampler:
+    """`warm`: earlier trials to start TPE from (`search.db.pipeline.warm_trials`), in memory.
+    `trained`: the configuration (`grid.key`) the stage carried in when an earlier stage trained
+    exactly it (`search.db.pipeline.open_stage`); a finite stage proposes it no more."""
     tpe = algorithms.TPESampler(
         n_startup_trials=stage.sampler.startup_trials, multivariate=True, group=True,
         constant_liar=True, seed=seed, warm=warm,
@@ -51,7 +54,7 @@ def make_sampler(stage: Stage, seed: int, warm: Sequence[FrozenTrial] = ()) -> B
     if configurations is None:
         return tpe
     return Deduplicating(tpe, {n: distribution(p) for n, p in stage.params.items()},
-                         configurations, seed)
+                         configurations, seed, trained)
 
 
 class Deduplicating(BaseSampler):
@@ -64,9 +67,10 @@ class Deduplicating(BaseSampler):
 
     def __init__(
         self, base: BaseSampler, space: dict[str, BaseDistribution],
-        configurations: Sequence[dict[str, Any]], seed: int,
+        configurations: Sequence[dict[str, Any]], seed: int, trained: str | None = None,
     ) -> None:
         self.base, self.space, self.configurations = base, space, list(configurations)
+        self.trained = trained  # held from before the stage: its trial is an earlier stage's
         self._rng = random.Random(seed)
 
     def infer_relative_search_space(
@@ -84,6 +88,8 @@ class Deduplicating(BaseSampler):
                 proposal[name] = self.base.sample_independent(study, trial, name, dist)
         held = {grid.key(t.params) for t in study.get_trials(deepcopy=False, states=budget.HOLDING)
                 if t.number != trial.number and set(t.params) == set(self.space)}
+        if self.trained is not None:
+            held.add(self.trained)
         if grid.key(proposal) not in held:
             return proposal
         untried = [c for c in self.configurations if grid.key(c) not in held]

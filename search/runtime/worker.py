@@ -146,7 +146,8 @@ class Worker:
                      stage.name, len(warm))
         study = with_retry("load stage", lambda: pipeline.load_stage_study(
             self.storage, self.study, stage,
-            sampler=strategy.make_sampler(stage, seed=self.worker_id * 1_000 + index, warm=warm),
+            sampler=strategy.make_sampler(stage, seed=self.worker_id * 1_000 + index, warm=warm,
+                                          trained=opened.trained),
             pruner=strategy.make_pruner(stage),
         ))
         ctx = objective.TrialContext(

@@ -167,3 +167,55 @@ def test_a_configuration_is_reserved_by_one_trial_at_a_time(pg_url: str) -> None
     study.tell(first, state=TrialState.FAIL)  # a failed trial holds nothing
     assert reserve(study, second, key) is None
     assert reserve(study, study.ask(), key) == second.number
+
+
+CARRIED = """
+dataset = "digits"
+[fixed]
+width = 0.5
+[[stage]]
+name = "opt"
+trials = 2
+epochs = 2
+sampler = {{ startup_trials = 10 }}
+[stage.params]
+lr = {{ choices = [0.01, 0.1] }}
+[[stage]]
+name = "arch"
+trials = 4
+epochs = {epochs}
+sampler = {{ startup_trials = 10 }}
+[stage.params]
+width = {{ choices = [0.25, 0.5, 1.0] }}
+"""
+
+
+@pytest.mark.parametrize("epochs", [2, 3], ids=["same training", "longer trials"])
+def test_a_finite_stage_does_not_train_again_the_configuration_it_carried_in(
+    storage_url: str, tmp_path: Path, epochs: int
+) -> None:
+    """The second stage starts from width 0.5 (its [fixed] value), which the first stage's best
+    trial trained. With the same epochs that trial's result is the stage's for width 0.5: it
+    trains the other two widths and closes. With longer trials it is a different training, and
+    the stage trains all three."""
+    space = write_space(tmp_path / "c.toml", CARRIED.format(epochs=epochs))
+    assert hpo("create", "--space", str(space), "--study", "c", url=storage_url,
+               cwd=tmp_path).returncode == 0
+    worker = start_stub_worker("c", url=storage_url, cwd=tmp_path, log=tmp_path / "w.log")
+    assert worker.wait(timeout=600) == 0, (tmp_path / "w.log").read_text()[-2000:]
+    storage = open_storage(storage_url)
+    pipe = pipeline.load(storage, "c")
+    arch = pipeline.load_stage_study(storage, "c", pipe.stages[1]).get_trials()
+    widths = sorted(t.params["width"] for t in arch)
+    assert all(t.state == TrialState.COMPLETE for t in arch), arch
+    info = json.loads(hpo("status", "c", "--json", url=storage_url, cwd=tmp_path).stdout)
+    text = hpo("status", "c", url=storage_url, cwd=tmp_path).stdout
+    assert info["stages"][1]["exhausted"] and info["stages"][1]["closed"]
+    if epochs == 2:
+        assert widths == [0.25, 1.0]
+        assert ("arch closed early: all 3 configurations of its space were trained, the one it"
+                " carried in by an earlier stage") in text, text
+    else:
+        assert widths == [0.25, 0.5, 1.0]
+        assert "arch closed early: all 3 configurations of its space were trained" in text
+        assert "carried in by an earlier stage" not in text, text
