@@ -225,8 +225,8 @@ def _state(value: str | int) -> TrialState:
 
 
 def read_limit(conn: sa.Connection, study_id: int) -> Limit:
-    """The stage's budget, space size, patience and whether it runs queued trials only, as the
-    database holds them."""
+    """The stage's budget, space size, patience, whether it runs queued trials only and the
+    configuration an earlier stage trained for it, as the database holds them."""
     keys = (BUDGET, SPACE_SIZE, PATIENCE, QUEUED_ONLY, TRAINED_BEFORE)
     attrs = dict(conn.execute(
         sa.select(_STUDY_ATTRS.c.key, _STUDY_ATTRS.c.value_json)
