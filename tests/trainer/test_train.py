@@ -132,36 +132,48 @@ def test_nesterov_without_momentum_is_a_config_error() -> None:
 
 # --- the epoch kept --------------------------------------------------------------------------
 
-# A constant, high rate (lr_floor = 1: no decay) on digits: epoch 3 has the best val_acc and
-# epoch 4 the lowest val_loss, so the two metrics keep different epochs.
-NOISY = cfg(epochs=4, lr=0.4, lr_floor=1.0, warmup_epochs=0.0)
+# A constant, high rate (lr_floor = 1: no decay) on digits, for a noisy curve.
+NOISY = cfg(epochs=6, lr=0.4, lr_floor=1.0, warmup_epochs=0.0)
 
 
 def test_the_kept_epoch_is_the_best_by_best_metric_in_its_direction(tmp_path: Path) -> None:
-    # Which seed's curve has its best accuracy and its lowest loss at different epochs depends on
-    # the CPU's float results, so the first of a few seeds that does is the one compared.
+    # Each metric keeps the first epoch best in its own direction. To show that the metric, not
+    # val_acc, decides, some run must keep another epoch than val_acc's. Where the extremes fall
+    # depends on the CPU's float results: val_acc and val_loss peaked at the same epoch in all
+    # of seeds 0-4 on an Intel Xeon (2026-12-04), while val_top5 reaches its maximum early and
+    # keeps the first of its ties. So the first seed at which val_loss or val_top5 keeps another
+    # epoch than val_acc is the one compared.
+    separated: Result | None = None
     for seed in range(5):
         at = tmp_path / f"s{seed}"
-        by_acc = train(replace(NOISY, seed=seed, checkpoint_dir=str(at / "acc")))
-        by_loss = train(replace(NOISY, seed=seed, best_metric="val_loss",
-                                checkpoint_dir=str(at / "loss")))
-        assert curve(by_acc) == curve(by_loss)  # the metric picks an epoch; it changes no training
+        runs = {metric: train(replace(NOISY, seed=seed, best_metric=metric,
+                                      checkpoint_dir=str(at / metric)))
+                for metric in ("val_acc", "val_loss", "val_top5")}
+        by_acc = runs["val_acc"]
         history = by_acc.history
-        accs, losses = [h["val_acc"] for h in history], [h["val_loss"] for h in history]
-        # The first of equal values: a tie keeps the earlier epoch.
-        assert by_acc.best_epoch == accs.index(max(accs)) + 1
-        assert by_loss.best_epoch == losses.index(min(losses)) + 1
-        if by_acc.best_epoch != by_loss.best_epoch:
+        for metric, result in runs.items():
+            # The metric picks an epoch; it changes no training.
+            assert curve(result) == curve(by_acc), metric
+            values = [h[metric] for h in history]
+            best = min(values) if metric == "val_loss" else max(values)
+            # The first of equal values: a tie keeps the earlier epoch.
+            assert result.best_epoch == values.index(best) + 1, metric
+        losses = [h["val_loss"] for h in history]
+        # The loss curve tells the directions apart: the highest loss is another epoch.
+        assert losses.index(max(losses)) + 1 != runs["val_loss"].best_epoch
+        separated = next((r for r in (runs["val_loss"], runs["val_top5"])
+                          if r.best_epoch != by_acc.best_epoch), None)
+        if separated is not None:
             break
-    assert by_acc.best_epoch != by_loss.best_epoch, "no seed told the two metrics apart"
-    for result in (by_acc, by_loss):
+    assert separated is not None, "no seed kept another epoch than val_acc's"
+    for result in (by_acc, separated):
         kept = result.history[result.best_epoch - 1]
         assert (result.val_acc, result.val_loss, result.val_top5) == (
             kept["val_acc"], kept["val_loss"], kept["val_top5"])
-        best = checkpoint.load(result.checkpoint)
-        assert best["epoch"] == result.best_epoch and best["metrics"] == kept
+        best_ckpt = checkpoint.load(result.checkpoint)
+        assert best_ckpt["epoch"] == result.best_epoch and best_ckpt["metrics"] == kept
     # The test metrics are of each run's kept weights, so they differ with the epoch kept.
-    assert by_acc.test_loss != by_loss.test_loss
+    assert by_acc.test_loss != separated.test_loss
 
 
 def test_best_metric_is_a_recorded_validation_metric() -> None:
