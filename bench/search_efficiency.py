@@ -33,6 +33,8 @@ dropout (regularization). For each seed:
 - **screened**: the three stages once with a `[screen]` table: a first stage over all ten
   parameters (its `startup` trials random, then joint TPE) with SCREEN of the budget, the
   stages the rest, the first opening from the screen's best.
+- **coupled**: the optimizer and regularization parameters as one stage ("training"), then the
+  architecture, then "training" again warm-started, with COUPLED of the budget.
 - **random**: Optuna's RandomSampler over all ten parameters at once, no pruning.
 - **joint TPE**: one TPE study over all ten parameters with the same sampler and median-pruner
   settings as a stage of ours (multivariate, grouped, constant liar), so only the staging
