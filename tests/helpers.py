@@ -164,3 +164,13 @@ def start_stub_worker(
          "--device", "cpu", "--threads", "1", "--artifacts", str(cwd / "artifacts")],
         cwd=ROOT, env=hpo_env(url, **extra), stdout=out, stderr=subprocess.STDOUT,
     )
+
+
+def run_stub_study(space: Path, study: str, *, url: str, cwd: Path) -> None:
+    """`hpo create` the study from `space`, then one stub worker (`start_stub_worker`) until it
+    has run every stage; fails with the worker's log if either does not succeed."""
+    created = hpo("create", "--space", str(space), "--study", study, url=url, cwd=cwd)
+    assert created.returncode == 0, created.stderr
+    log = cwd / f"{study}-worker.log"
+    worker = start_stub_worker(study, url=url, cwd=cwd, log=log)
+    assert worker.wait(timeout=600) == 0, log.read_text()[-3000:]

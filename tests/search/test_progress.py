@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from search.db import pipeline
 from search.db.attrs import EARLY_STOPPED, GRAD_NORM
 from search.db.storage import open_storage
-from tests.helpers import hpo, start_stub_worker, start_worker, write_space
+from tests.helpers import hpo, run_stub_study, start_worker, write_space
 
 SPACE = """
     dataset = "digits"
@@ -37,11 +37,7 @@ def test_status_and_report_show_the_epochs_saved_and_time_to_accuracy(
     tmp_path: Path,
 ) -> None:
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
-    space = write_space(tmp_path / "p.toml", SPACE)
-    assert hpo("create", "--space", str(space), "--study", "p", url=url,
-               cwd=tmp_path).returncode == 0
-    worker = start_stub_worker("p", url=url, cwd=tmp_path, log=tmp_path / "w.log")
-    assert worker.wait(timeout=600) == 0, (tmp_path / "w.log").read_text()[-3000:]
+    run_stub_study(write_space(tmp_path / "p.toml", SPACE), "p", url=url, cwd=tmp_path)
 
     storage = open_storage(url)
     pipe = pipeline.load(storage, "p")

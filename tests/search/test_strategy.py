@@ -17,7 +17,7 @@ from search.runtime.strategy import Deduplicating, make_pruner, make_sampler
 from search.space import grid
 from search.space.params import CategoricalParam, FloatParam, IntParam
 from search.space.spec import Pipeline, SpaceError, parse_space
-from tests.helpers import hpo, start_stub_worker, write_space
+from tests.helpers import hpo, run_stub_study, start_stub_worker, write_space
 
 STAGE = """
 dataset = "digits"
@@ -198,11 +198,8 @@ def test_a_finite_stage_does_not_train_again_the_configuration_it_carried_in(
     trial trained. With the same epochs that trial's result is the stage's for width 0.5: it
     trains the other two widths and closes. With longer trials it is a different training, and
     the stage trains all three."""
-    space = write_space(tmp_path / "c.toml", CARRIED.format(epochs=epochs))
-    assert hpo("create", "--space", str(space), "--study", "c", url=storage_url,
-               cwd=tmp_path).returncode == 0
-    worker = start_stub_worker("c", url=storage_url, cwd=tmp_path, log=tmp_path / "w.log")
-    assert worker.wait(timeout=600) == 0, (tmp_path / "w.log").read_text()[-2000:]
+    run_stub_study(write_space(tmp_path / "c.toml", CARRIED.format(epochs=epochs)), "c",
+                   url=storage_url, cwd=tmp_path)
     storage = open_storage(storage_url)
     pipe = pipeline.load(storage, "c")
     arch = pipeline.load_stage_study(storage, "c", pipe.stages[1]).get_trials()
