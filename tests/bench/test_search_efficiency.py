@@ -113,6 +113,14 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
             assert len(stages[0].params) == 7 and len(stages[1].params) == 3
             # Only the last is warm-started: it repeats the first stage's parameters.
             assert [s.warm_start for s in stages] == [False, False, True]
+        elif method in ("ordered", "regtwice"):
+            again = "optimizer" if method == "ordered" else "regularization"
+            assert names == ["optimizer", "regularization", "architecture", f"{again}-2"]
+            assert stages[3].params == stages[names.index(again)].params
+            assert [s.warm_start for s in stages] == [False, False, False, True]
+            # Ordered by the headroom measured: the last stage must be a continuum, not the
+            # architecture's 8 configurations, or what the others leave would go unspent.
+            assert grid.size(stages[3].params) is None
         else:
             assert names == ["joint"] and len(stages[0].params) == 10
         if method in se.SERVICE:
@@ -156,6 +164,12 @@ def test_the_last_stage_takes_what_pruning_saves() -> None:
     # leave: ceil((120 - 72) / 3).
     assert se.stage_trials(full, 1, stages=se.coupled_params(full), shares=se.COUPLED) == [
         18, 6, 16]
+    # `ordered`: 42, 36 and 24 epochs (10, 9 and 6 trials), the last what those stopped at
+    # epoch 3 leave: ceil((120 - 75) / 3). `regtwice`: 48, 30 and 24 epochs (12, 7, 6 trials).
+    assert se.stage_trials(full, 1, stages=se.ordered_params(full), shares=se.ORDERED) == [
+        10, 9, 6, 15]
+    assert se.stage_trials(full, 1, stages=se.ordered_params(full, "regularization"),
+                           shares=se.REGTWICE) == [12, 7, 6, math.ceil((120 - 75) / 3)]
 
 
 def test_a_stored_run_is_reused_only_for_the_same_runs(tmp_path: Path) -> None:
