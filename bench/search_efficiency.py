@@ -37,7 +37,8 @@ dropout (regularization). For each seed:
   architecture, then "training" again warm-started, with COUPLED of the budget.
 - **ordered**: the groups in the order of the headroom the one-pass runs measured: optimizer,
   regularization, architecture, then the optimizer again, warm-started (ORDERED).
-- **regtwice**: the same order with regularization again last, warm-started (REGTWICE).
+- **regtwice**: the same order with regularization again last, warm-started (REGTWICE);
+  **ordreg** the same with `ordered`'s shares.
 - **random**: Optuna's RandomSampler over all ten parameters at once, no pruning.
 - **joint TPE**: one TPE study over all ten parameters with the same sampler and median-pruner
   settings as a stage of ours (multivariate, grouped, constant liar), so only the staging
@@ -87,15 +88,16 @@ from _common import child_env  # bench/, the script's folder, is on the path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("staged", "cyclic", "random", "tpe", "hyperband", "patience", "screened", "coupled",
-           "ordered", "regtwice")
+           "ordered", "regtwice", "ordreg")
 LABELS = {"staged": "staged TPE + median (ours)", "cyclic": "cyclic staged, 2 passes",
           "patience": "cyclic + patience", "screened": "joint screen, then stages",
           "coupled": "opt+reg, arch, opt+reg", "ordered": "opt, reg, arch, opt-2",
-          "regtwice": "opt, reg, arch, reg-2",
+          "regtwice": "opt, reg, arch, reg-2, .40", "ordreg": "opt, reg, arch, reg-2, .35",
           "random": "random, no pruning", "tpe": "joint TPE + median",
           "hyperband": "joint TPE + Hyperband"}
 # The methods that run `hpo run` (the service) rather than an in-process Optuna loop.
-SERVICE = ("staged", "cyclic", "patience", "screened", "coupled", "ordered", "regtwice")
+SERVICE = ("staged", "cyclic", "patience", "screened", "coupled", "ordered", "regtwice",
+           "ordreg")
 # `patience`: cyclic, each stage but the last closed once this many trials in a row have not
 # improved its best, its unspent trials passed on to the next (search/db/writes.py), by stage.
 # Measured on digits-hard (BENCHMARKS.md), the architecture stages improved the best in 2 of 14
@@ -141,6 +143,10 @@ ORDERED = (0.35, 0.3, 0.2, 0.15)
 # regularization stage, which runs on the chosen architecture, raised the best in 4 of 6 seeds,
 # the `ordered` one on the base architecture in 2 of 6.
 REGTWICE = (0.4, 0.25, 0.2, 0.15)
+# `ordreg`: `ordered`'s shares (a regularization stage of 9 trials raised the best in 9 of 10
+# digits-hard seeds, one of 7 in `regtwice` in 3 of 6) with `regtwice`'s last stage (raised the
+# best in 5 of 6 digits-hard seeds and 4 of 6 synthetic-hard ones, `ordered`'s second optimizer
+# stage in 3 of 10 and 1 of 6).
 
 
 @dataclass(frozen=True)
@@ -303,10 +309,11 @@ def space_text(mode: Mode, seed: int, *, method: str) -> str:
         return (textwrap.dedent(head) + f'[[stage]]\nname = "joint"\ntrials = {trials}\n'
                 f"epochs = {mode.epochs}\n{knobs}[stage.params]\n{rows}\n")
     text = textwrap.dedent(head)
-    if method in ("coupled", "ordered", "regtwice"):
+    if method in ("coupled", "ordered", "regtwice", "ordreg"):
         stages, shares = {"coupled": (coupled_params(mode), COUPLED),
                           "ordered": (ordered_params(mode), ORDERED),
                           "regtwice": (ordered_params(mode, "regularization"), REGTWICE),
+                          "ordreg": (ordered_params(mode, "regularization"), ORDERED),
                           }[method]
         budgets = stage_trials(mode, 1, stages=stages, shares=shares)
         for index, (name, params) in enumerate(stages):

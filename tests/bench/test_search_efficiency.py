@@ -113,7 +113,7 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
             assert len(stages[0].params) == 7 and len(stages[1].params) == 3
             # Only the last is warm-started: it repeats the first stage's parameters.
             assert [s.warm_start for s in stages] == [False, False, True]
-        elif method in ("ordered", "regtwice"):
+        elif method in ("ordered", "regtwice", "ordreg"):
             again = "optimizer" if method == "ordered" else "regularization"
             assert names == ["optimizer", "regularization", "architecture", f"{again}-2"]
             assert stages[3].params == stages[names.index(again)].params
