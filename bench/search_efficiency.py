@@ -147,10 +147,10 @@ ORDERED = (0.35, 0.3, 0.2, 0.15)
 # regularization stage, which runs on the chosen architecture, raised the best in 4 of 6 seeds,
 # the `ordered` one on the base architecture in 2 of 6.
 REGTWICE = (0.4, 0.25, 0.2, 0.15)
-# `ordreg`: `ordered`'s shares (a regularization stage of 9 trials raised the best in 9 of 10
-# digits-hard seeds, one of 7 in `regtwice` in 3 of 6) with `regtwice`'s last stage (raised the
-# best in 5 of 6 digits-hard seeds and 4 of 6 synthetic-hard ones, `ordered`'s second optimizer
-# stage in 3 of 10 and 1 of 6).
+# `ordreg`: `ordered`'s shares (its 9-trial regularization stage raised the best in 9 of 10
+# digits-hard seeds) with `regtwice`'s last stage (regularization again raised it in 7 of 10
+# digits-hard seeds and 3 of 6 synthetic-hard ones, `ordered`'s second optimizer stage in 3 of 10
+# and 1 of 6). Measured, it was below `regtwice` on both tasks: BENCHMARKS.md.
 
 
 @dataclass(frozen=True)
