@@ -252,9 +252,9 @@ def coupled_params(mode: Mode) -> list[tuple[str, str]]:
 def ordered_params(mode: Mode, again: str = "optimizer") -> list[tuple[str, str]]:
     """The stages of `ordered`: optimizer, regularization, architecture, then the group `again`
     a second time (named `<group>-2`)."""
-    optimizer, architecture, regularization = stage_params(mode)
-    repeat = dict(stage_params(mode))[again]
-    return [optimizer, regularization, architecture, (f"{again}-2", repeat)]
+    groups = dict(stage_params(mode))
+    return [(name, groups[name]) for name in ("optimizer", "regularization", "architecture")] + [
+        (f"{again}-2", groups[again])]
 
 
 def stage_trials(mode: Mode, cycles: int, screen: float = 0.0, *,

@@ -20,7 +20,7 @@ from search.db import pipeline, registry
 from search.db.storage import open_storage
 from search.runtime import algorithms, strategy
 from search.space.params import distribution, in_range
-from search.space.spec import WORKER_OWNED, Pipeline, parse_space
+from search.space.spec import WORKER_OWNED, Pipeline, load_space, parse_space
 from tests.helpers import hpo, start_stub_worker, write_space
 from trainer.config import TrainConfig
 
@@ -284,3 +284,31 @@ def test_a_screen_runs_first_and_the_stages_open_from_its_best(storage_url: str,
         screen_best.params["weight_decay"]}
     status = hpo("status", "scr", url=storage_url, cwd=tmp_path)
     assert status.returncode == 0 and "screen" in status.stdout, status.stderr
+
+
+def test_the_cifar_files_last_stage_reads_the_first_regularization_stages_trials(
+    tmp_path: Path
+) -> None:
+    """spaces/cifar10-resnet.toml searches regularization before and after the architecture; the
+    second stage, which also searches distillation, is warm-started with the first one's trials
+    when the architecture stage kept the base architecture (their distillation values at the
+    trainer's defaults, inside its ranges), and with none of a trial on another architecture."""
+    pipe = load_space(Path(__file__).parents[2] / "spaces" / "cifar10-resnet.toml")
+    storage = open_storage(f"sqlite:///{tmp_path / 'hpo.db'}", create_schema=True)
+    pipeline.create(storage, "c10", pipe, "cifar10-resnet.toml")
+    optimizer = {"lr": 0.1, "batch_size": 128, "momentum": 0.9, "warmup_epochs": 1.0}
+    architecture = {"model": "resnet20", "width": TrainConfig.width, "se": False}
+    regularization = pipeline.load_stage_study(storage, "c10", pipe.stage("regularization"))
+    for value, reg, arch in [(0.91, {"label_smoothing": 0.1, "weight_decay": 5e-4,
+                                     "dropout": 0.1}, architecture),
+                             (0.92, {"label_smoothing": 0.05, "weight_decay": 1e-4,
+                                     "dropout": 0.2}, {**architecture, "width": 2.0})]:
+        add(regularization, value, reg,
+            config(dataset="cifar10", **optimizer, **reg, **arch))
+    index = [s.name for s in pipe.stages].index("regularization-2")
+    carried = {**optimizer, "label_smoothing": 0.1, "weight_decay": 5e-4, "dropout": 0.1,
+               **architecture}
+    warm = pipeline.warm_trials(storage, "c10", pipe, index, carried)
+    assert [(t.value, t.params) for t in warm] == [
+        (0.91, {"label_smoothing": 0.1, "weight_decay": 5e-4, "dropout": 0.1,
+                "kd_temperature": TrainConfig.kd_temperature, "kd_alpha": 0.0})]
