@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import search_efficiency as se  # bench/ is not a package: imported from its folder
 
 from search.space import grid
-from search.space.spec import Stage, load_space
+from search.space.spec import Pipeline, Stage, load_space
 
 
 def test_runs_are_cut_at_the_budget_in_the_order_trained() -> None:
@@ -113,7 +113,7 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
             assert len(stages[0].params) == 7 and len(stages[1].params) == 3
             # Only the last is warm-started: it repeats the first stage's parameters.
             assert [s.warm_start for s in stages] == [False, False, True]
-        elif method in ("ordered", "regtwice", "ordreg"):
+        elif method in ("ordered", "regtwice", "ordreg", "centred", "regpat"):
             again = "optimizer" if method == "ordered" else "regularization"
             assert names == ["optimizer", "regularization", "architecture", f"{again}-2"]
             assert stages[3].params == stages[names.index(again)].params
@@ -121,10 +121,38 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
             # Ordered by the headroom measured: the last stage must be a continuum, not the
             # architecture's 8 configurations, or what the others leave would go unspent.
             assert grid.size(stages[3].params) is None
+            # Only regpat's architecture stage has patience; it passes its trials on.
+            assert [s.patience for s in stages] == (
+                [None, None, 2, None] if method == "regpat" else [None] * 4)
         else:
             assert names == ["joint"] and len(stages[0].params) == 10
         if method in se.SERVICE:
             budget_spent_by_design(mode, stages)
+
+
+def test_centred_holds_the_later_groups_at_the_centres_of_their_ranges(tmp_path: Path) -> None:
+    mode = se.MODES["digits-hard"]["full"]
+    space = tmp_path / "centred.toml"
+    space.write_text(se.space_text(mode, 0, method="centred"))
+    pipeline = load_space(space)
+    # Label smoothing [0, 0.2] and dropout [0, 0.3] at their midpoints, weight decay [1e-5, 1e-2]
+    # (log) at its geometric one; the architecture's choices have no centre and keep [fixed].
+    assert pipeline.fixed["label_smoothing"] == pytest.approx(0.1)
+    assert pipeline.fixed["dropout"] == pytest.approx(0.15)
+    assert pipeline.fixed["weight_decay"] == pytest.approx(10 ** -3.5, rel=1e-5)
+    assert (pipeline.fixed["model"], pipeline.fixed["width"]) == ("resnet20", 0.5)
+    # Nothing the first stage searches is fixed, and otherwise it is regtwice's file.
+    assert not set(pipeline.stages[0].params) & set(pipeline.fixed)
+    regtwice = load_space_text(tmp_path, se.space_text(mode, 0, method="regtwice"))
+    assert pipeline.stages == regtwice.stages
+    assert {k: v for k, v in pipeline.fixed.items()
+            if k not in ("label_smoothing", "dropout", "weight_decay")} == regtwice.fixed
+
+
+def load_space_text(folder: Path, text: str) -> Pipeline:
+    path = folder / "other.toml"
+    path.write_text(text)
+    return load_space(path)
 
 
 def budget_spent_by_design(mode: se.Mode, stages: tuple[Stage, ...]) -> None:
@@ -208,3 +236,28 @@ def test_random_searchs_expected_best_is_read_from_its_pooled_trials() -> None:
     assert "50%: 0.5000 drawn, 0.3750 expected" in lines[0] and "25%" not in lines[0]
     assert "first 1 trials (the joint methods' start-up) averaged 0.5000, all 4 0.3750" in lines[1]
     assert se.random_expectation(mode, [se.Run("tpe", 0, curve=[1.0] * 4)]) == []
+
+
+def test_the_criterion_table_says_how_sure_each_verdict_is() -> None:
+    mode = se.MODES["digits-hard"]["full"]
+
+    def run(method: str, seed: int, best: float) -> se.Run:
+        return se.Run(method, seed, curve=[best] * mode.budget)
+
+    # Ahead of every baseline in every seed: every resampling agrees.
+    runs = [run(m, s, 0.90 + 0.01 * s) for m in se.BASELINES for s in range(4)]
+    runs += [run("regtwice", s, 0.91 + 0.01 * s) for s in range(4)]
+    (head, line) = se.criterion_table(mode, runs, ("regtwice", *se.BASELINES), draws=500)
+    assert "random, tpe, hyperband" in head
+    assert line.count("+0.0100 (1.00)") == 3 and "all 1.00" in line and "(4 seeds)" in line
+    # Ahead by 0.03 in one seed of four, behind by 0.01 in the others: level on average, and a
+    # resampling holds exactly when it draws the winning seed at least once in its four draws.
+    runs = [run(m, s, 0.90) for m in se.BASELINES for s in range(4)]
+    runs += [run("regtwice", s, 0.93 if s == 0 else 0.89) for s in range(4)]
+    (_, line) = se.criterion_table(mode, runs, ("regtwice", *se.BASELINES), draws=4000)
+    share = float(line.split("(")[1].split(")")[0])
+    # P(seed 0 drawn at least once in 4 draws) = 1 - (3/4)^4 = 0.684.
+    assert share == pytest.approx(1 - 0.75 ** 4, abs=0.03)
+    assert line.startswith(f"  {se.LABELS['regtwice']}") and "0.0000 (" in line
+    # A method without the baselines' seeds is left out rather than compared on none.
+    assert se.criterion_table(mode, runs[:12], ("regtwice", *se.BASELINES)) == [head]
