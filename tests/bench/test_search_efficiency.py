@@ -261,3 +261,5 @@ def test_the_criterion_table_says_how_sure_each_verdict_is() -> None:
     assert line.startswith(f"  {se.LABELS['regtwice']}") and "0.0000 (" in line
     # A method without the baselines' seeds is left out rather than compared on none.
     assert se.criterion_table(mode, runs[:12], ("regtwice", *se.BASELINES)) == [head]
+    # Without a baseline there is no criterion to read.
+    assert se.criterion_table(mode, runs, ("regtwice",)) == []
