@@ -829,6 +829,9 @@ def paired_table(mode: Mode, runs: Sequence[Run], methods: Sequence[str],
 
 
 BASELINES = ("random", "tpe", "hyperband")
+# The true lead over the best baseline that criterion_power asks about: about the differences
+# left between the staged methods and joint TPE (BENCHMARKS.md).
+POWER_DELTA = 0.005
 
 
 def criterion_table(mode: Mode, runs: Sequence[Run], methods: Sequence[str],
@@ -865,6 +868,33 @@ def criterion_table(mode: Mode, runs: Sequence[Run], methods: Sequence[str],
         out.append(f"  {LABELS[ours]:<27}" + "".join(f"{c:>18}" for c in cells)
                    + f"   all {holds.all(axis=0).mean():.2f}  ({len(seeds)} seeds)")
     return out
+
+
+def criterion_power(mode: Mode, runs: Sequence[Run], ours: str, delta: float,
+                    counts: Sequence[int], draws: int = 4000) -> list[float] | None:
+    """How often the criterion would hold for a method truly `delta` ahead of the best baseline
+    at every fraction, with the spread over seeds measured: `ours`' per-seed values shifted so
+    that their mean is the best baseline's mean plus `delta` at each fraction, then for each
+    count in `counts` the share of `draws` resamplings of that many seeds (the same seeds for
+    every method) in which its mean is at least every baseline's at all three fractions. None
+    without the baselines or two seeds they all share."""
+    import numpy as np
+
+    by = {m: {r.seed: r for r in runs if r.method == m} for m in (ours, *BASELINES)}
+    seeds = sorted(set(by[ours]).intersection(*(by[b] for b in BASELINES)))
+    if len(seeds) < 2:
+        return None
+    best = {m: np.array([[by[m][s].best(round(mode.budget * f)) for s in seeds]
+                         for f in FRACTIONS]) for m in by}
+    top = np.max([best[b].mean(axis=1) for b in BASELINES], axis=0)
+    shifted = best[ours] - best[ours].mean(axis=1, keepdims=True) + (top + delta)[:, None]
+    rng = np.random.default_rng(0)
+    shares = []
+    for count in counts:
+        picks = rng.integers(0, len(seeds), size=(draws, count))
+        theirs = np.max([best[b][:, picks].mean(axis=2) for b in BASELINES], axis=0)
+        shares.append(float((shifted[:, picks].mean(axis=2) >= theirs - 1e-12).all(axis=0).mean()))
+    return shares
 
 
 def mean_std(values: list[float]) -> str:
@@ -964,6 +994,16 @@ def report(mode: Mode, runs: list[Run], methods: tuple[str, ...], wall: float,
             print("\n" + "\n".join(paired_table(mode, runs, methods, ours)))
     if criterion := criterion_table(mode, runs, methods):
         print("\n" + "\n".join(criterion))
+        # What these seeds can decide: a method truly POWER_DELTA ahead everywhere, with the
+        # spread measured, meets all three cells only this often.
+        for ours in [m for m in methods if m in SERVICE]:
+            n = len({r.seed for r in runs if r.method == ours})
+            shares = criterion_power(mode, runs, ours, POWER_DELTA, (n, 2 * n, 4 * n))
+            if shares:
+                print(f"  if {LABELS[ours]} were {POWER_DELTA} ahead of the best baseline at every"
+                      f" fraction, with its spread over seeds: all three would hold in "
+                      + ", ".join(f"{share:.2f} at {k * n} seeds"
+                                  for k, share in zip((1, 2, 4), shares, strict=True)))
 
 
 def parse_mode(text: str) -> Mode:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -263,3 +264,21 @@ def test_the_criterion_table_says_how_sure_each_verdict_is() -> None:
     assert se.criterion_table(mode, runs[:12], ("regtwice", *se.BASELINES)) == [head]
     # Without a baseline there is no criterion to read.
     assert se.criterion_table(mode, runs, ("regtwice",)) == []
+
+
+def test_criterion_power_grows_with_the_lead_and_the_seeds() -> None:
+    mode = se.MODES["digits-hard"]["full"]
+    # Every method's best is noisy over seeds (0.90 +- 0.02, independent draws per method).
+    draw = random.Random(3)
+    runs = [se.Run(m, s, curve=[0.90 + draw.gauss(0, 0.02)] * mode.budget)
+            for m in ("regtwice", *se.BASELINES) for s in range(10)]
+    level, ahead, far = (se.criterion_power(mode, runs, "regtwice", d, (10, 40))
+                         for d in (0.0, 0.005, 0.05))
+    assert level is not None and ahead is not None and far is not None
+    # Level with the best baseline: at best a coin flip, however many seeds.
+    assert level[0] < 0.6 and level[1] < 0.6
+    # Ahead: more seeds decide it more often; far ahead, always.
+    assert level[0] < ahead[0] < ahead[1]
+    assert far == [1.0, 1.0]
+    # Seeds the baselines lack do not count.
+    assert se.criterion_power(mode, runs[:10], "regtwice", 0.005, (10,)) is None
