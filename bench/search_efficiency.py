@@ -40,7 +40,8 @@ dropout (regularization). For each seed:
 - **regtwice**: the same order with regularization again last, warm-started (REGTWICE);
   **ordreg** the same with `ordered`'s shares; **centred** regtwice with the later groups'
   continuous parameters at the centres of their ranges until their stage; **regpat** regtwice
-  with patience on its architecture stage (REGPAT).
+  with patience on its architecture stage (REGPAT); **strat** regtwice with stratified start-up
+  trials in every stage.
 - **random**: Optuna's RandomSampler over all ten parameters at once, no pruning.
 - **joint TPE**: one TPE study over all ten parameters with the same sampler and median-pruner
   settings as a stage of ours (multivariate, grouped, constant liar), so only the staging
@@ -80,7 +81,6 @@ import tempfile
 import textwrap
 import time
 import tomllib
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,13 +90,14 @@ from _common import child_env  # bench/, the script's folder, is on the path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("staged", "cyclic", "random", "tpe", "hyperband", "patience", "screened", "coupled",
-           "ordered", "regtwice", "ordreg", "centred", "regpat")
+           "ordered", "regtwice", "ordreg", "centred", "regpat", "strat")
 LABELS = {"staged": "staged TPE + median (ours)", "cyclic": "cyclic staged, 2 passes",
           "patience": "cyclic + patience", "screened": "joint screen, then stages",
           "coupled": "opt+reg, arch, opt+reg", "ordered": "opt, reg, arch, opt-2",
           "regtwice": "opt, reg, arch, reg-2, .40", "ordreg": "opt, reg, arch, reg-2, .35",
           "centred": "regtwice, centred base",
           "regpat": "regtwice, arch patience",
+          "strat": "regtwice, stratified start",
           "random": "random, no pruning", "tpe": "joint TPE + median",
           "hyperband": "joint TPE + Hyperband"}
 # What runs without --methods (`make bench`): one pass as it was, the order the shipped
@@ -105,7 +106,7 @@ LABELS = {"staged": "staged TPE + median (ours)", "cyclic": "cyclic staged, 2 pa
 DEFAULT_METHODS = ("staged", "regtwice", "random", "tpe", "hyperband")
 # The methods that run `hpo run` (the service) rather than an in-process Optuna loop.
 SERVICE = ("staged", "cyclic", "patience", "screened", "coupled", "ordered", "regtwice",
-           "ordreg", "centred", "regpat")
+           "ordreg", "centred", "regpat", "strat")
 # `patience`: cyclic, each stage but the last closed once this many trials in a row have not
 # improved its best, its unspent trials passed on to the next (search/db/writes.py), by stage.
 # Measured on digits-hard (BENCHMARKS.md), the architecture stages improved the best in 2 of 14
@@ -172,6 +173,13 @@ REGTWICE = (0.4, 0.25, 0.2, 0.15)
 # of the budget; closing the architecture early brings those raises forward. Measured: the
 # same as regtwice to within 0.001 (BENCHMARKS.md); the raises come late in the last stage.
 REGPAT = {"architecture": 2}
+# `strat`: `regtwice` with every stage's start-up trials stratified (a Latin hypercube,
+# `sampler = { stratified = true }`, search/runtime/startup.py). Why: in regpat's 10 digits-hard
+# runs (the same trials as regtwice's through the optimizer stage) the 3 seeds whose TPE never
+# trained batch size 64 after the start-up ended that stage at 0.9386 on average, the 7 that did
+# at 0.9506; in one of the 3 the 4 random start-up trials were all 128, in the other two the one
+# at 64 had a rate under 0.1 (0.067, 0.094) and trained poorly. Four strata take each batch size and
+# each quarter of the log rate range once, instead of clustering by chance.
 
 
 @dataclass(frozen=True)
@@ -348,13 +356,14 @@ def space_text(mode: Mode, seed: int, *, method: str) -> str:
         return (textwrap.dedent(head) + f'[[stage]]\nname = "joint"\ntrials = {trials}\n'
                 f"epochs = {mode.epochs}\n{knobs}[stage.params]\n{rows}\n")
     text = textwrap.dedent(head)
-    if method in ("coupled", "ordered", "regtwice", "ordreg", "centred", "regpat"):
+    if method in ("coupled", "ordered", "regtwice", "ordreg", "centred", "regpat", "strat"):
         stages, shares = {"coupled": (coupled_params(mode), COUPLED),
                           "ordered": (ordered_params(mode), ORDERED),
                           "regtwice": (ordered_params(mode, "regularization"), REGTWICE),
                           "ordreg": (ordered_params(mode, "regularization"), ORDERED),
                           "centred": (ordered_params(mode, "regularization"), REGTWICE),
                           "regpat": (ordered_params(mode, "regularization"), REGTWICE),
+                          "strat": (ordered_params(mode, "regularization"), REGTWICE),
                           }[method]
         if method == "centred":  # [fixed] is the head's last table
             text += "".join(f"{key} = {value:.6g}\n" for key, value in centres(stages).items())
@@ -363,8 +372,11 @@ def space_text(mode: Mode, seed: int, *, method: str) -> str:
             extra = "warm_start = true\n" if index == len(stages) - 1 else ""
             if method == "regpat" and name in REGPAT:
                 extra += f"patience = {REGPAT[name]}\n"
+            stage_knobs = knobs.replace(f"startup_trials = {mode.startup} }}",
+                                        f"startup_trials = {mode.startup}, stratified = true }}"
+                                        ) if method == "strat" else knobs
             text += (f'\n[[stage]]\nname = "{name}"\ntrials = {budgets[index]}\n'
-                     f"epochs = {mode.epochs}\n{extra}{knobs}[stage.params]\n"
+                     f"epochs = {mode.epochs}\n{extra}{stage_knobs}[stage.params]\n"
                      f"{textwrap.dedent(params)}\n")
         return text
     screen = SCREEN if method == "screened" else 0.0
@@ -489,8 +501,9 @@ def run_staged(method: str, seed: int, space: Path, work: Path, url: str, budget
     db = Path(url.removeprefix("sqlite:///"))
     for stale in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
         stale.unlink(missing_ok=True)  # left by a run that was killed
-    # A fresh study each time: a run that was killed leaves its study behind, half done.
-    study = f"eff-{method}-s{seed}-{uuid.uuid4().hex[:8]}"
+    # The database is new (removed above), so the name need not be unique; fixed, it fixes the
+    # design of a stratified start-up (search/runtime/startup.py), and a run repeats by seed.
+    study = f"eff-{method}-s{seed}"
     # Our worker seeds TPE from its worker id, the database's row number. Each run has a database
     # of its own, in which seed s's worker gets id s + 1 (rows registered here first), so a run's
     # figures do not depend on which runs a work folder already held.

@@ -36,6 +36,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from search.db import optuna_private as op
+from search.runtime import startup
 
 if TYPE_CHECKING:
     from collections.abc import Container, Sequence
@@ -133,12 +134,15 @@ class _CompleteView:
 
 
 class TPESampler(optuna.samplers.TPESampler):
-    def __init__(self, *, warm: Sequence[FrozenTrial] = (), **kwargs: Any) -> None:
+    def __init__(self, *, warm: Sequence[FrozenTrial] = (), stratified: bool = False,
+                 **kwargs: Any) -> None:
         """Optuna's arguments, and `warm`: complete trials TPE reads before the study's own, each
         with a negative trial id of its own (the caches below key by trial id). They count
         toward `n_startup_trials`, so with as many warm trials as start-up trials TPE samples
-        from the first trial on."""
+        from the first trial on. `stratified`: the start-up trials are a Latin hypercube with
+        as many strata as `n_startup_trials` (search/runtime/startup.py), not random draws."""
         super().__init__(**kwargs)
+        self._strata = self._n_startup_trials if stratified else 0
         self._warm = list(warm)
         if self._warm:
             ids = {op.trial_id(t) for t in self._warm}
@@ -157,6 +161,21 @@ class TPESampler(optuna.samplers.TPESampler):
         # Finished trial id -> (0 complete | 1 pruned | 2 infeasible, its sort key).
         self._keys: dict[int, tuple[int, Any]] = {}
         self._read_for: int | None = None  # the trial whose ask the study's trial cache follows
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        # Optuna's TPE samples a start-up trial here, at random, while fewer finished trials
+        # than its start-up count exist (the same test as Optuna's, on the same cached read).
+        if self._strata:
+            finished = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                                 TrialState.PRUNED),
+                                         use_cache=True)
+            if len(finished) < self._n_startup_trials:
+                return startup.sample(study.study_name, trial.number, param_name,
+                                      param_distribution, self._strata)
+        return super().sample_independent(study, trial, param_name, param_distribution)
 
     def infer_relative_search_space(
         self, study: optuna.Study, trial: FrozenTrial

@@ -48,7 +48,7 @@ def make_sampler(stage: Stage, seed: int, warm: Sequence[FrozenTrial] = (),
     exactly it (`search.db.pipeline.open_stage`); a finite stage proposes it no more."""
     tpe = algorithms.TPESampler(
         n_startup_trials=stage.sampler.startup_trials, multivariate=True, group=True,
-        constant_liar=True, seed=seed, warm=warm,
+        constant_liar=True, seed=seed, warm=warm, stratified=stage.sampler.stratified,
     )
     configurations = grid.configurations(stage.params)
     if configurations is None:

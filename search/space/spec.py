@@ -114,13 +114,23 @@ PRUNER_KEYS = {
 
 @dataclass(frozen=True)
 class Sampler:
-    """Optuna's TPESampler."""
+    """Optuna's TPESampler. `stratified`: its start-up trials are a Latin hypercube over the
+    stage's parameters (search/runtime/startup.py) instead of independent random draws, so
+    that every choice of a categorical with no more choices than start-up trials is tried
+    before TPE takes over."""
 
     startup_trials: int = 10  # n_startup_trials: random trials before TPE takes over
+    stratified: bool = False
+
+    def table(self) -> dict[str, Any]:
+        """As a space file writes it; `stratified` only when set, so that the stored
+        pipelines of older files keep their digest."""
+        return {"startup_trials": self.startup_trials} | (
+            {"stratified": True} if self.stratified else {})
 
 
 _DEFAULT_PRUNER = {k: v for k, v in dataclasses.asdict(Pruner()).items() if k != "type"}
-_DEFAULT_SAMPLER = dataclasses.asdict(Sampler())
+_DEFAULT_SAMPLER = {"startup_trials": Sampler.startup_trials}
 
 
 @dataclass(frozen=True)
@@ -325,6 +335,18 @@ def _confirm(raw: Any, epochs: int, at: str) -> Confirm:
     return Confirm(top, seeds, confirm_epochs)
 
 
+def sampler_table(raw: Any, at: str) -> Sampler:
+    """`sampler = { startup_trials = N, stratified = true }`; both optional."""
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{at}: expected a table, got {show(raw)}")
+    no_unknown_keys(raw, (*_DEFAULT_SAMPLER, "stratified"), f"{at}.")
+    stratified = raw.get("stratified", False)
+    if not isinstance(stratified, bool):
+        raise SpaceError(f"{at}.stratified: expected true or false, got {show(stratified)}")
+    rest = {k: v for k, v in raw.items() if k != "stratified"}
+    return Sampler(**counts(rest, _DEFAULT_SAMPLER, at), stratified=stratified)
+
+
 def _pruner(raw: Any, epochs: int, at: str) -> Pruner:
     if not isinstance(raw, dict):
         raise SpaceError(f"{at}: expected a table, got {show(raw)}")
@@ -363,7 +385,7 @@ def _stage(raw: Any, index: int, names: list, done: list[Stage], source: str) ->
     except ParamError as err:
         raise SpaceError(f"{at}: epochs: {err}") from None
     pruner = _pruner(raw.get("pruner", {}), epochs, f"{at}: pruner")
-    sampler = Sampler(**counts(raw.get("sampler", {}), _DEFAULT_SAMPLER, f"{at}: sampler"))
+    sampler = sampler_table(raw.get("sampler", {}), f"{at}: sampler")
     teacher = _teacher(raw.get("teacher"), name, names, done, f"{at}: teacher")
     fixed = fixed_table(raw.get("fixed", {}), f"{at}: fixed")
     warm_start = raw.get("warm_start", False)
@@ -529,7 +551,7 @@ def _to_data(pipeline: Pipeline) -> dict[str, Any]:
             "trials": stage.trials,
             "epochs": stage.epochs,
             "pruner": stage.pruner.table(),
-            "sampler": dataclasses.asdict(stage.sampler),
+            "sampler": stage.sampler.table(),
             "fixed": dict(stage.fixed),
             "params": {key: param_table(p) for key, p in stage.params.items()},
         }
@@ -560,7 +582,7 @@ def _to_data(pipeline: Pipeline) -> dict[str, Any]:
 def _derived(stage: Stage, default_warm: bool) -> dict[str, Any]:
     """The table of a stage whose params are derived (joint, screen)."""
     return {"trials": stage.trials, "epochs": stage.epochs, "pruner": stage.pruner.table(),
-            "sampler": dataclasses.asdict(stage.sampler),
+            "sampler": stage.sampler.table(),
             "fixed": dict(stage.fixed)} | _stage_extras(stage, default_warm)
 
 
