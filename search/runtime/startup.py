@@ -4,11 +4,15 @@ TPE's first `startup_trials` trials are independent random draws. In a short sta
 where TPE looks next, and independent draws can all miss a region: on digits-hard
 (bench/search_efficiency.py, `strat`) the 4 random start-up trials of a 12-trial optimizer
 stage were all batch size 128 in one seed of 10, TPE never tried 64 after, and the stage ended
-at 0.9418, against 0.9506 on average for the seeds whose TPE trained 64.
-Stratified, the start-up trials are a Latin hypercube: each parameter's
-range is cut into as many strata as there are start-up trials, and each stratum is taken once,
-in an order of its own per parameter, so a categorical with no more choices than start-up trials
-has each choice tried before TPE takes over.
+at 0.9418, against 0.9506 on average for the seeds whose TPE trained 64. Stratified, the
+start-up trials are a Latin hypercube: each parameter's range is cut into as many strata as
+there are start-up trials, and each stratum is taken once, in an order of its own per
+parameter, so a categorical with no more choices than start-up trials has each choice tried
+before TPE takes over. What it changed there and on synthetic-hard: BENCHMARKS.md, `strat`.
+
+A trial that fails keeps its number and its retry gets a later one; numbers past the start-up
+count take the strata again from the first, so after a failure one stratum of each parameter
+goes untried and one is taken twice (with another value inside it).
 
 Which stratum a trial gets depends only on the stage study's name, the parameter and the
 trial's number, never on the worker: every worker of a stage agrees on the design, and the
