@@ -350,8 +350,9 @@ def space_text(mode: Mode, seed: int, *, method: str) -> str:
         hflip = false
         seed = {seed}
         """
+    stratified = ", stratified = true" if method == "strat" else ""
     knobs = (f"pruner = {{ startup_trials = {mode.startup}, warmup_epochs = {mode.warmup} }}\n"
-             f"sampler = {{ startup_trials = {mode.startup} }}\n")
+             f"sampler = {{ startup_trials = {mode.startup}{stratified} }}\n")
     stages = stage_params(mode)
     if joint:
         trials = math.ceil(mode.budget / 2)  # a loop ends at the epoch budget, never by this
@@ -375,11 +376,8 @@ def space_text(mode: Mode, seed: int, *, method: str) -> str:
             extra = "warm_start = true\n" if index == len(stages) - 1 else ""
             if method == "regpat" and name in REGPAT:
                 extra += f"patience = {REGPAT[name]}\n"
-            stage_knobs = knobs.replace(f"startup_trials = {mode.startup} }}",
-                                        f"startup_trials = {mode.startup}, stratified = true }}"
-                                        ) if method == "strat" else knobs
             text += (f'\n[[stage]]\nname = "{name}"\ntrials = {budgets[index]}\n'
-                     f"epochs = {mode.epochs}\n{extra}{stage_knobs}[stage.params]\n"
+                     f"epochs = {mode.epochs}\n{extra}{knobs}[stage.params]\n"
                      f"{textwrap.dedent(params)}\n")
         return text
     screen = SCREEN if method == "screened" else 0.0
@@ -850,6 +848,18 @@ BASELINES = ("random", "tpe", "hyperband")
 POWER_DELTA = 0.005
 
 
+def _best_by_fraction(mode: Mode, runs: Sequence[Run], ours: str, bases: Sequence[str]
+                      ) -> tuple[list[int], dict[str, Any]]:
+    """The seeds that `ours` and every baseline in `bases` ran, and for each of those methods
+    the best so far at each FRACTION of the budget: an array [fraction, seed]."""
+    import numpy as np
+
+    by = {m: {r.seed: r for r in runs if r.method == m} for m in (ours, *bases)}
+    seeds = sorted(set(by[ours]).intersection(*(by[b] for b in bases)))
+    return seeds, {m: np.array([[by[m][s].best(round(mode.budget * f)) for s in seeds]
+                                for f in FRACTIONS]) for m in by}
+
+
 def criterion_table(mode: Mode, runs: Sequence[Run], methods: Sequence[str],
                     draws: int = 10_000) -> list[str]:
     """The issue's criterion for each method of ours: its mean best at each FRACTION against
@@ -863,18 +873,14 @@ def criterion_table(mode: Mode, runs: Sequence[Run], methods: Sequence[str],
     bases = [m for m in BASELINES if m in methods]
     if not bases:
         return []
-    by = {m: {r.seed: r for r in runs if r.method == m} for m in methods}
     rng = np.random.default_rng(0)
     out = [f"criterion, {mode.dataset}: mean best minus the best baseline's ({', '.join(bases)})"
            " at each fraction; in brackets the share of seed resamplings in which it is >= every"
            " baseline's; last, the share in which all three hold:"]
     for ours in [m for m in methods if m in SERVICE]:
-        seeds = sorted(set(by[ours]).intersection(*(by[b] for b in bases)))
+        seeds, best = _best_by_fraction(mode, runs, ours, bases)
         if len(seeds) < 2:
             continue
-        # best[method][fraction, seed]
-        best = {m: np.array([[by[m][s].best(round(mode.budget * f)) for s in seeds]
-                             for f in FRACTIONS]) for m in [ours, *bases]}
         picks = rng.integers(0, len(seeds), size=(draws, len(seeds)))
         mine = best[ours][:, picks].mean(axis=2)  # (fraction, draw)
         top = np.max([best[b][:, picks].mean(axis=2) for b in bases], axis=0)
@@ -896,12 +902,9 @@ def criterion_power(mode: Mode, runs: Sequence[Run], ours: str, delta: float,
     without the baselines or two seeds they all share."""
     import numpy as np
 
-    by = {m: {r.seed: r for r in runs if r.method == m} for m in (ours, *BASELINES)}
-    seeds = sorted(set(by[ours]).intersection(*(by[b] for b in BASELINES)))
+    seeds, best = _best_by_fraction(mode, runs, ours, BASELINES)
     if len(seeds) < 2:
         return None
-    best = {m: np.array([[by[m][s].best(round(mode.budget * f)) for s in seeds]
-                         for f in FRACTIONS]) for m in by}
     top = np.max([best[b].mean(axis=1) for b in BASELINES], axis=0)
     shifted = best[ours] - best[ours].mean(axis=1, keepdims=True) + (top + delta)[:, None]
     rng = np.random.default_rng(0)
