@@ -114,7 +114,8 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
             assert len(stages[0].params) == 7 and len(stages[1].params) == 3
             # Only the last is warm-started: it repeats the first stage's parameters.
             assert [s.warm_start for s in stages] == [False, False, True]
-        elif method in ("ordered", "regtwice", "ordreg", "centred", "regpat", "strat"):
+        elif method in ("ordered", "regtwice", "ordreg", "centred", "regpat", "strat",
+                        "stratopt"):
             again = "optimizer" if method == "ordered" else "regularization"
             assert names == ["optimizer", "regularization", "architecture", f"{again}-2"]
             assert stages[3].params == stages[names.index(again)].params
@@ -125,8 +126,11 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
             # Only regpat's architecture stage has patience; it passes its trials on.
             assert [s.patience for s in stages] == (
                 [None, None, 2, None] if method == "regpat" else [None] * 4)
-            # Only strat's start-up trials are stratified, in every stage.
-            assert [s.sampler.stratified for s in stages] == [method == "strat"] * 4
+            # Only strat's start-up trials are stratified in every stage, stratopt's in the
+            # optimizer stage alone.
+            assert [s.sampler.stratified for s in stages] == (
+                [True] * 4 if method == "strat"
+                else [True, False, False, False] if method == "stratopt" else [False] * 4)
         else:
             assert names == ["joint"] and len(stages[0].params) == 10
         if method in se.SERVICE:
