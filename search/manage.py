@@ -140,6 +140,8 @@ def enqueue(storage: optuna.storages.RDBStorage, name: str, stage_name: str, tex
             f" it first with `hpo extend {name} --stage {stage.name} --trials {budget + 1}`"
         )
     _check_not_held(study, stage, params)
+    if opened is not None:  # before the stage opens, the worker refuses it (objective.run)
+        _check_not_carried(storage, name, pipe, stage, opened, params)
     study.enqueue_trial(params, user_attrs={snapshot.ENQUEUED: "user"})
     number = max(t.number for t in study.get_trials(deepcopy=False))
     return (f"queued trial #{number} of stage {stage.name!r} with {json.dumps(params)}; the next"
@@ -158,6 +160,24 @@ def _check_not_held(study: optuna.Study, stage: Stage, params: dict[str, Any]) -
             raise PipelineError(
                 f"--params: stage {stage.name!r} trains each configuration once, and trial"
                 f" #{t.number} ({t.state.name.lower()}) holds {json.dumps(params)} already")
+
+
+def _check_not_carried(
+    storage: optuna.storages.RDBStorage, name: str, pipe: Pipeline, stage: Stage,
+    opened: registry.OpenedStage, params: dict[str, Any],
+) -> None:
+    """Refuse the configuration a finite stage carried in when an earlier stage's trial trained
+    exactly it (same epochs and seed): training is deterministic, so a repeat adds nothing."""
+    if grid.size(stage.params) is None or set(params) != set(stage.params):
+        return
+    index = pipe.stages.index(stage)
+    if pipeline.trained_before(storage, name, pipe, index, opened) != grid.key(params):
+        return
+    source = opened.source
+    raise PipelineError(
+        f"--params: stage {stage.name!r} trains each configuration once, and it carried"
+        f" {json.dumps(params)} in from trial #{source['trial']} of stage {source['stage']!r},"
+        " which trained it with the same epochs and seed")
 
 
 def _parse_params(text: str, stage: Stage) -> dict[str, Any]:

@@ -74,6 +74,9 @@ class TrialContext:
     worker: str  # "host:pid#id", recorded on each trial
     fault: str = ""  # passed to the trainer (tests inject OOM / NaN through it)
     train: Train = train_lazily
+    # `grid.key` of the configuration the stage carried in when an earlier stage's trial trained
+    # exactly it (`pipeline.trained_before`): a queued trial of it is not trained again.
+    trained: str | None = None
 
 
 def suggest(trial: optuna.Trial, name: str, param: Param) -> Any:
@@ -162,9 +165,12 @@ def run(trial: optuna.Trial, ctx: TrialContext, stop: threading.Event) -> tuple[
     that another trial holds, and the trainer's typed errors."""
     cfg = trial_config(trial, ctx)
     if grid.size(ctx.stage.params) is not None:
-        holder = writes.reserve(trial.study, trial, grid.key(dict(trial.params)))
+        key = grid.key(dict(trial.params))
+        if key == ctx.trained:  # the sampler never proposes it; only a queued trial gets here
+            raise Duplicate("the one the stage carried in, which an earlier stage trained")
+        holder = writes.reserve(trial.study, trial, key)
         if holder is not None:
-            raise Duplicate(holder)
+            raise Duplicate(f"trial #{holder}")
     public = {k: v for k, v in cfg.to_dict().items() if k not in WORKER_OWNED}
     start = carried(trial, ctx)
     if "teacher" in start:

@@ -15,12 +15,13 @@ from trainer.contract import DataUnavailable, Diverged, Interrupted, OutOfMemory
 
 
 class Duplicate(RuntimeError):
-    """The trial sampled a configuration that another trial of its stage holds already (two
-    workers sampled the same untried one at once): it is not trained."""
+    """The trial's configuration was trained already: another trial of its stage holds it (two
+    workers sampled the same untried one at once), or it is the one the stage carried in from an
+    earlier stage's trial with the same epochs and seed (a user queued it before the stage
+    opened). It is not trained."""
 
-    def __init__(self, holder: int) -> None:
-        super().__init__(f"the same configuration as trial #{holder}; not trained again")
-        self.holder = holder
+    def __init__(self, holder: str) -> None:
+        super().__init__(f"the same configuration as {holder}; not trained again")
 
 
 @dataclass(frozen=True)

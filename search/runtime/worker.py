@@ -154,7 +154,7 @@ class Worker:
             study=self.study, pipeline=self.pipeline, stage=stage, carried=opened.carried,
             artifacts=self.artifacts, device=self.device,
             worker=f"{socket.gethostname()}:{os.getpid()}#{self.worker_id}", fault=self.fault,
-            train=self.train,
+            train=self.train, trained=opened.trained,
         )
         end = StageRunner(study, ctx, beat, self.stop, self.tally, rss_mb).run()
         if end == StageEnd.NO_DATA:

@@ -216,3 +216,36 @@ def test_a_finite_stage_does_not_train_again_the_configuration_it_carried_in(
         assert widths == [0.25, 0.5, 1.0]
         assert "arch closed early: all 3 configurations of its space were trained" in text
         assert "carried in by an earlier stage" not in text, text
+
+
+def test_the_configuration_a_stage_carried_in_is_not_trained_when_a_user_queues_it(
+    storage_url: str, tmp_path: Path
+) -> None:
+    """Queued before the stage opens, width 0.5 (what arch carries in, trained by opt with the
+    same epochs and seed) reaches the worker, which fails it untrained as a duplicate; queued
+    after, `hpo enqueue` refuses it and writes nothing."""
+    space = write_space(tmp_path / "c.toml", CARRIED.format(epochs=2))
+    assert hpo("create", "--space", str(space), "--study", "c", url=storage_url,
+               cwd=tmp_path).returncode == 0
+    carried = json.dumps({"width": 0.5})
+    early = hpo("enqueue", "c", "--stage", "arch", "--params", carried, url=storage_url,
+                cwd=tmp_path)
+    assert early.returncode == 0, early.stderr  # the stage has not opened: nothing to compare
+    log = tmp_path / "worker.log"
+    worker = start_stub_worker("c", url=storage_url, cwd=tmp_path, log=log)
+    assert worker.wait(timeout=600) == 0, log.read_text()[-3000:]
+    storage = open_storage(storage_url)
+    study = pipeline.load_stage_study(storage, "c", pipeline.load(storage, "c").stages[1])
+    arch = study.get_trials()
+    queued = [t for t in arch if t.user_attrs.get("enqueued_by") == "user"]
+    assert len(queued) == 1 and queued[0].state == TrialState.FAIL
+    assert queued[0].user_attrs["fail_reason"] == "duplicate"
+    assert "epochs" not in queued[0].user_attrs  # never trained
+    assert sorted(t.params["width"] for t in arch if t.state == TrialState.COMPLETE) == [0.25, 1.0]
+
+    late = hpo("enqueue", "c", "--stage", "arch", "--params", carried, url=storage_url,
+               cwd=tmp_path)
+    assert late.returncode == 2
+    assert ("stage 'arch' trains each configuration once, and it carried {\"width\": 0.5} in"
+            " from trial #") in late.stderr, late.stderr
+    assert len(study.get_trials()) == len(arch)
