@@ -1,7 +1,9 @@
 """deploy/slurm for real: a one-node Slurm cluster (tests/deploy/slurm_cluster.py) runs
 `deploy/slurm/submit.sh` (a create job, then the worker array, one task per fake GPU) with CPU
 workers on a digits pipeline against PostgreSQL, to the end; `scancel` of one array task
-mid-trial hands its trial back and the other task resumes it.
+mid-trial hands its trial back and the other task resumes it. A task nearing its time limit gets
+worker.sbatch's early SIGTERM (`--signal=B:TERM@120`), hands its trial back and ends COMPLETED,
+not TIMEOUT.
 
 Needs root and Debian's slurmctld, slurmd, slurm-client and munge: skipped with the reason
 elsewhere, failed instead when CI=true (.ci/run installs them).
@@ -9,6 +11,7 @@ elsewhere, failed instead when CI=true (.ci/run installs them).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -58,7 +61,7 @@ def _wait_for(predicate: Callable[[], object], what: str, timeout: float = TIMEO
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _submit_folder(tmp: Path, pg_url: str) -> Path:
+def _submit_folder(tmp: Path, pg_url: str, epochs: int = 6) -> Path:
     """A folder set up as README says: .env from .env.example with the user's edits, the
     password file where compose keeps it, the space file under ./spaces."""
     folder = tmp / "submit"
@@ -67,7 +70,7 @@ def _submit_folder(tmp: Path, pg_url: str) -> Path:
     db = make_url(pg_url)
     (folder / "docker" / "secrets" / "db_password").write_text(
         (db.password or "unused-by-trust") + "\n")
-    tiny_space(folder / "spaces" / "tiny.toml", trials1=3, trials2=2, epochs=6)
+    tiny_space(folder / "spaces" / "tiny.toml", trials1=3, trials2=2, epochs=epochs)
     dotenv = {
         **read_env_file(),
         "HPO_STUDY": STUDY, "HPO_SPACE": "tiny.toml", "HPO_SPACES_DIR": "./spaces",
@@ -86,45 +89,105 @@ def _stages(pg_url: str) -> list[optuna.Study]:
             for s in pipeline.load(storage, STUDY).stages]
 
 
-def test_the_worker_array_runs_a_pipeline_to_the_end_and_survives_scancel(
-    cluster: Cluster, pg_url: str, tmp_path: Path
-) -> None:
-    folder = _submit_folder(tmp_path, pg_url)
+def _submit(cluster: Cluster, folder: Path, workers: int) -> str:
+    """`submit.sh` as README says; returns the worker array's job id."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPO_")}
     env.update(SLURM_CONF=str(cluster.conf), HPO_VENV=str(Path(sys.executable).parents[1]))
     # The node has two cores and no memory configured: the only sbatch options added here.
-    sub = subprocess.run([str(SUBMIT), str(GPUS), "--cpus-per-task=1", "--mem=0"], cwd=folder,
-                         env=env, capture_output=True, text=True, timeout=60)
+    sub = subprocess.run([str(SUBMIT), str(workers), "--cpus-per-task=1", "--mem=0"],
+                         cwd=folder, env=env, capture_output=True, text=True, timeout=60)
     assert sub.returncode == 0, sub.stderr
-    array = re.search(r"job array (\d+)", sub.stdout).group(1)  # type: ignore[union-attr]
+    return re.search(r"job array (\d+)", sub.stdout).group(1)  # type: ignore[union-attr]
 
-    # Both tasks run, each on its own "GPU" (--gres=gpu:1 granted, two on the node).
-    def logs() -> dict[int, str]:
-        return {int(p.stem.rsplit("_", 1)[1]): p.read_text()
-                for p in folder.glob(f"hpo-worker-{array}_*.log")}
 
-    _wait_for(lambda: len(logs()) == GPUS and all("worker " in t for t in logs().values()),
-              "both array tasks to start their workers")
-
-    first = None
+def _wait_mid_trial(pg_url: str) -> optuna.trial.FrozenTrial:
+    """A trial of the first stage at least one epoch in; call once the workers have started
+    (the create job has made the study)."""
+    first = _stages(pg_url)[0]
 
     def mid_trial() -> optuna.trial.FrozenTrial | None:
-        nonlocal first
-        first = first or _stages(pg_url)[0]
         running = [t for t in first.get_trials(states=(TrialState.RUNNING,))
                    if len(t.intermediate_values) >= 1]
         return running[0] if running else None
 
-    victim = mid_trial() or _wait_for(mid_trial, "a trial one epoch in")
-    assert victim is not None
+    found = mid_trial() or _wait_for(mid_trial, "a trial one epoch in")
+    assert isinstance(found, optuna.trial.FrozenTrial)
+    return found
+
+
+def _worker_logs(folder: Path, array: str) -> dict[int, str]:
+    """Each array task's log, by task id."""
+    return {int(p.stem.rsplit("_", 1)[1]): p.read_text()
+            for p in folder.glob(f"hpo-worker-{array}_*.log")}
+
+
+def _wait_workers(folder: Path, array: str, tasks: int) -> None:
+    _wait_for(lambda: len(logs := _worker_logs(folder, array)) == tasks
+              and all("worker " in t for t in logs.values()),
+              f"{tasks} array task(s) to start their workers")
+
+
+def _job_field(cluster: Cluster, job: str, name: str) -> str:
+    shown = cluster.run("scontrol", "show", "job", job)
+    assert shown.returncode == 0, shown.stderr
+    return re.search(rf"\b{name}=(\S+)", shown.stdout).group(1)  # type: ignore[union-attr]
+
+
+def _seconds(run_time: str) -> int:
+    """Slurm's [D-]HH:MM:SS."""
+    days, _, clock = run_time.rpartition("-")
+    h, m, s = (int(x) for x in clock.split(":"))
+    return int(days or 0) * 86_400 + h * 3600 + m * 60 + s
+
+
+def test_a_task_near_its_time_limit_hands_its_trial_back_and_ends_completed(
+    cluster: Cluster, pg_url: str, tmp_path: Path
+) -> None:
+    """Trials far longer than the job may run. Once the task is mid-trial its time limit is cut
+    to 2 minutes past the next whole minute of its run time: worker.sbatch's `--signal=B:TERM@120`
+    is then due, slurmctld sends it at its next time-limit check, and hpo (the batch shell,
+    exec'd) must hand the trial back and exit 0 before the limit: the job ends COMPLETED, with
+    its trial failed "interrupted" and queued again for another worker to resume."""
+    folder = _submit_folder(tmp_path, pg_url, epochs=100_000)
+    array = _submit(cluster, folder, 1)
+    task = f"{array}_0"
+    _wait_workers(folder, array, 1)
+    victim = _wait_mid_trial(pg_url)
+    elapsed = _seconds(_job_field(cluster, task, "RunTime"))
+    limit = math.ceil((elapsed + 1) / 60) + 2  # minutes: the signal due now, the limit >= 2 min on
+    cut = cluster.run("scontrol", "update", f"JobId={task}", f"TimeLimit={limit}")
+    assert cut.returncode == 0, cut.stderr
+
+    _wait_for(lambda: cluster.run("squeue", "-h").stdout.strip() == "", "the queue to empty")
+    assert _job_field(cluster, task, "JobState") == "COMPLETED"
+    assert _job_field(cluster, task, "ExitCode") == "0:0"
+    log = _worker_logs(folder, array)[0]
+    assert "handing the trial back" in log, log[-3000:]
+    trials = _stages(pg_url)[0].get_trials()
+    handed = trials[victim.number]
+    assert handed.state == TrialState.FAIL and handed.user_attrs["fail_reason"] == "interrupted"
+    (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
+    assert retry.state == TrialState.WAITING and retry.params == victim.params
+
+
+def test_the_worker_array_runs_a_pipeline_to_the_end_and_survives_scancel(
+    cluster: Cluster, pg_url: str, tmp_path: Path
+) -> None:
+    folder = _submit_folder(tmp_path, pg_url)
+    array = _submit(cluster, folder, GPUS)
+
+    # Both tasks run, each on its own "GPU" (--gres=gpu:1 granted, two on the node).
+    _wait_workers(folder, array, GPUS)
+    victim = _wait_mid_trial(pg_url)
     worker_id = int(victim.user_attrs["worker"].rsplit("#", 1)[1])
-    (task,) = [t for t, text in logs().items() if re.search(rf"worker {worker_id} on cpu", text)]
+    (task,) = [t for t, text in _worker_logs(folder, array).items()
+               if re.search(rf"worker {worker_id} on cpu", text)]
     cancel = cluster.run("scancel", f"{array}_{task}")
     assert cancel.returncode == 0, cancel.stderr
 
     # The pipeline runs to the end on the other task; then the queue is empty.
     _wait_for(lambda: cluster.run("squeue", "-h").stdout.strip() == "", "the queue to empty")
-    texts = logs()
+    texts = _worker_logs(folder, array)
     assert "handing the trial back" in texts[task], texts[task][-3000:]
     other = next(t for t in texts if t != task)
     assert "Traceback" not in texts[other], texts[other][-3000:]
