@@ -98,7 +98,7 @@ LABELS = {"staged": "staged TPE + median (ours)", "cyclic": "cyclic staged, 2 pa
           "centred": "regtwice, centred base",
           "regpat": "regtwice, arch patience",
           "strat": "regtwice, stratified start",
-          "stratopt": "regtwice, stratified opt start",
+          "stratopt": "regtwice, stratified opt",
           "random": "random, no pruning", "tpe": "joint TPE + median",
           "hyperband": "joint TPE + Hyperband"}
 # What runs without --methods (`make bench`): one pass as it was, the order the shipped
