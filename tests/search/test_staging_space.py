@@ -113,6 +113,9 @@ def test_the_cifar_file_orders_the_groups_by_headroom() -> None:
         ("regularization-2", True)]
     first, last = pipeline.stage("regularization"), pipeline.stage("regularization-2")
     assert set(first.params) < set(last.params)
+    # Only the optimizer stage's start-up trials are stratified (BENCHMARKS.md, "A stratified
+    # start-up in the optimizer stage only").
+    assert [s.sampler.stratified for s in pipeline.stages] == [True, False, False, False]
     # Equal epochs a trial: the warm start reads the first stage's values as this stage's.
     assert first.epochs == last.epochs
     # About the epochs of the two passes it replaced (4,200).
