@@ -10,6 +10,8 @@ CONFIGURATION = "hpo:configuration"
 # user attr of a confirmation trial: {"key", "rank", "stage", "trial", "value", "seed", "values"}:
 # which configuration it re-runs (`values`, carried in place of the stage's) and with which seed
 CANDIDATE = "candidate"
+# user attr of a trial queued from a stage's `start` list (search/space/spec.py): its index there
+START = "start"
 # study user attr of the last stage: the winner's test metrics, computed once (`results.best`)
 WINNER_TEST = "winner_test"
 # user attr of a trial that early stopping ended (TrainConfig.early_stop_patience): the epoch

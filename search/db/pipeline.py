@@ -86,6 +86,10 @@ def create(
             study.set_user_attr(SPACE_SIZE, size)
         study.set_user_attr("epochs", stage.epochs)
         study.set_user_attr("params", sorted(stage.params))
+        if stage.start:
+            # Now, not when the stage opens: the stage's first trials, shown as queued in the
+            # dashboard from the start, and each queued once (`writes.queue_start`).
+            writes.queue_start(study, stage.start)
     return created
 
 

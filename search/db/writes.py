@@ -23,6 +23,8 @@ landed:
   connection lost in between leaves the trial failed and never retried.
 - `queue_candidates`: a confirmation stage's re-runs, each queued once however many workers
   open the stage, with the stage's budget set to their number in the same commit.
+- `queue_start`: a stage's start configurations, each queued once however often or from how
+  many hosts at once `hpo create` runs.
 - `set_user_attrs`: a trial's user attributes in one upsert (a repeat writes the same values),
   instead of Optuna's two transactions per attribute.
 - `pass_budget_on`: closes a stage with patience that stopped improving, moving its unspent
@@ -38,7 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -51,7 +53,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.db import budget
 from search.db import optuna_private as op
-from search.db.attrs import CANDIDATE, CLAIM, CONFIGURATION, RETRY_OF
+from search.db.attrs import CANDIDATE, CLAIM, CONFIGURATION, RETRY_OF, START
 from search.db.optuna_private import (
     BEATS,
     PARAMS,
@@ -188,6 +190,38 @@ def queue_candidates(study: optuna.Study, candidates: list[dict[str, Any]]) -> i
             return len(queued)
 
     return with_retry("queue confirmation trials", attempt)
+
+
+def queue_start(study: optuna.Study, points: Sequence[Mapping[str, Any]]) -> int:
+    """Queue a stage's start configurations (`start` in a space file) as WAITING trials, in the
+    list's order, each one's values where `Study.enqueue_trial` keeps them (the sampler fills in
+    a param a point leaves out) and its index in the user attribute START, in one transaction
+    under the study's lock: a second `hpo create`, or two at once, queues none again. Returns
+    how many this call queued."""
+    backend = op.study_rdb(study)
+    assert backend is not None, "stage studies live in a database"
+
+    def attempt() -> int:
+        with backend.engine.begin() as conn:
+            _lock_study(conn, op.study_id(study))
+            queued = {json.loads(v) for v in conn.execute(
+                sa.select(_USER_ATTRS.c.value_json)
+                .join(_TRIALS, _TRIALS.c.trial_id == _USER_ATTRS.c.trial_id)
+                .where(_TRIALS.c.study_id == op.study_id(study), _USER_ATTRS.c.key == START)
+            ).scalars()}
+            added = 0
+            for index, point in enumerate(points):
+                if index in queued:
+                    continue
+                trial_id, _, _ = _insert_trial(conn, op.study_id(study), TrialState.WAITING)
+                conn.execute(sa.insert(_USER_ATTRS).values(
+                    trial_id=trial_id, key=START, value_json=json.dumps(index)))
+                conn.execute(sa.insert(_SYSTEM_ATTRS).values(
+                    trial_id=trial_id, key=op.FIXED_PARAMS, value_json=json.dumps(dict(point))))
+                added += 1
+            return added
+
+    return with_retry("queue start configurations", attempt)
 
 
 def _set_study_attrs(conn: sa.Connection, study_id: int, attrs: Mapping[str, Any]) -> None:

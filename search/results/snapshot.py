@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search.db import budget, pipeline, registry
-from search.db.attrs import EARLY_STOPPED, RETRY_OF
+from search.db.attrs import EARLY_STOPPED, RETRY_OF, START
 from search.db.storage import GRACE_SECONDS
 from search.space.spec import Pipeline, Stage
 
@@ -67,6 +67,7 @@ class StageView:
     retried_as: dict[int, int] = field(default_factory=dict)  # trial -> the retry queued for it
     handed_back_trials: list[int] = field(default_factory=list)
     enqueued: int = 0  # configurations queued by `hpo enqueue`
+    started: int = 0  # configurations queued from the stage's `start` list
     done: bool = False  # closed by the budget rules (`search.db.budget`), and nothing left running
 
     @property
@@ -194,6 +195,8 @@ def _count(view: StageView, t: FrozenTrial, stage: Stage, direction: str) -> Non
     kind, epochs = outcome(t, stage.pruner.type), stage.epochs
     if t.user_attrs.get(ENQUEUED):
         view.enqueued += 1
+    if START in t.user_attrs:
+        view.started += 1
     if t.state == TrialState.RUNNING:
         view.running += 1
         return
@@ -248,6 +251,8 @@ def reasons_line(s: StageView) -> str:
         parts.append(f"handed back {s.handed_back} ({note})")
     if s.enqueued:
         parts.append(f"enqueued by a user {s.enqueued}")
+    if s.started:
+        parts.append(f"from the start list {s.started}")
     return "; ".join(parts)
 
 

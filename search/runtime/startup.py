@@ -10,6 +10,10 @@ there are start-up trials, and each stratum is taken once, in an order of its ow
 parameter, so a categorical with no more choices than start-up trials has each choice tried
 before TPE takes over. What it changed there and on synthetic-hard: BENCHMARKS.md, `strat`.
 
+A stage's `start` configurations (search/space/spec.py) are its first trials and take the first
+numbers, so the stratified trials after them take the strata of the numbers after theirs: with
+one start configuration and 4 start-up trials, 3 of each parameter's 4 strata are tried.
+
 A trial that fails keeps its number and its retry gets a later one; numbers past the start-up
 count take the strata again from the first, so after a failure one stratum of each parameter
 goes untried and one is taken twice (with another value inside it).

@@ -34,6 +34,7 @@ from search.space.params import (
     counts,
     field_value,
     fixed_table,
+    in_range,
     key_text,
     no_unknown_keys,
     param_table,
@@ -57,7 +58,7 @@ TOP_KEYS = ("dataset", "metric", "fixed", "stage", "cycles", "joint", "screen", 
 # trial runs, not what it computes (so they are left out of a trial's recorded configuration).
 WORKER_OWNED = ("checkpoint_dir", "device", "resume", "fault", "test")
 STAGE_KEYS = ("name", "trials", "epochs", "pruner", "sampler", "teacher", "fixed", "params",
-              "warm_start", "patience")
+              "warm_start", "patience", "start")
 CONFIRM_KEYS = ("top", "seeds", "epochs")
 CONFIRM_STAGE = "confirm"  # the name of the confirmation stage a `confirm` table adds
 # The `joint` table: a stage's keys but the ones the joint stage derives (name, params) or cannot
@@ -165,6 +166,10 @@ class Stage:
     # Close the stage once its last `patience` finished trials did not improve its best, passing
     # the unspent budget on to the next stage (search/db/budget.py). None: spend the budget.
     patience: int | None = None
+    # Configurations the stage trains first, queued when the study is created: a prior, such as
+    # an earlier study's winner or a published recipe. Each holds some or all of the stage's
+    # params (the sampler fills in the rest) and counts as one of its trials.
+    start: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -406,8 +411,37 @@ def _stage(raw: Any, index: int, names: list, done: list[Stage], source: str) ->
             raise SpaceError(f"{at}: params.{key_text(key)}: {err}") from None
         if key in fixed:
             raise SpaceError(f"{at}: params.{key}: also in this stage's fixed; keep one")
+    start = _start(raw.get("start", []), params, trials, f"{at}: start")
     return Stage(name, trials, epochs, pruner, sampler, params, fixed, teacher,
-                 warm_start=warm_start, patience=patience)
+                 warm_start=warm_start, patience=patience, start=start)
+
+
+def _start(raw: Any, params: dict[str, Param], trials: int, at: str) -> tuple[dict[str, Any], ...]:
+    """A stage's `start` list: tables of its own params' values, each value one the param can
+    take, at most `trials` of them (each is one of the stage's trials), no two the same."""
+    if not isinstance(raw, list):
+        raise SpaceError(f"{at}: expected a list of tables like [{{ lr = 0.1 }}], got {show(raw)}")
+    if len(raw) > trials:
+        raise SpaceError(f"{at}: {len(raw)} configurations, more than the stage's {trials}"
+                         " trials; each start configuration is one of its trials")
+    points: list[dict[str, Any]] = []
+    for n, point in enumerate(raw, start=1):
+        if not isinstance(point, dict) or not point:
+            raise SpaceError(f"{at} #{n}: expected a table of this stage's params, like"
+                             f" {{ lr = 0.1 }}, got {show(point)}")
+        values: dict[str, Any] = {}
+        for key, value in point.items():
+            if key not in params:
+                raise SpaceError(f"{at} #{n}: {key_text(key)} is not searched in this stage"
+                                 f" (it searches {', '.join(sorted(params)) or 'nothing'})")
+            try:
+                values[key] = in_range(params[key], field_value(key, value))
+            except ParamError as err:
+                raise SpaceError(f"{at} #{n}: {key}: {err}") from None
+        if values in points:
+            raise SpaceError(f"{at} #{n}: the same configuration as #{points.index(values) + 1}")
+        points.append(values)
+    return tuple(points)
 
 
 def _later_passes(first: list[Stage], cycles: int, source: str) -> list[Stage]:
@@ -425,7 +459,9 @@ def _later_passes(first: list[Stage], cycles: int, source: str) -> list[Stage]:
                 raise SpaceError(f"{source}: cycles: pass {k} of stage {stage.name!r} is named"
                                  f" {name!r}, the name of a stage in the file; rename that stage")
             teacher = None if stage.teacher is None else f"{stage.teacher}-{k}"
-            out.append(dataclasses.replace(stage, name=name, warm_start=True, teacher=teacher))
+            # A later pass starts from its warm start, not from the first pass's start list.
+            out.append(dataclasses.replace(stage, name=name, warm_start=True, teacher=teacher,
+                                           start=()))
     return out
 
 
@@ -539,7 +575,7 @@ def _kd_alphas(pipeline: Pipeline, stage: Stage, carried: dict[str, tuple[str, P
 def _to_data(pipeline: Pipeline) -> dict[str, Any]:
     """The file's own shape: its stages once (not their later passes, the joint or the
     confirmation stage), and a key the file did not need (cycles, joint, screen, ties,
-    warm_start, patience, confirm) only when it differs
+    warm_start, patience, start, confirm) only when it differs
     from its default, so the stored pipelines of older files keep their digest."""
     searched = [stage for stage in pipeline.stages if stage.confirms is None]
     body = searched[pipeline.screen:]
@@ -592,4 +628,6 @@ def _stage_extras(stage: Stage, default_warm: bool) -> dict[str, Any]:
         extras["warm_start"] = stage.warm_start
     if stage.patience is not None:
         extras["patience"] = stage.patience
+    if stage.start:
+        extras["start"] = [dict(point) for point in stage.start]
     return extras

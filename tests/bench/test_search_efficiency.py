@@ -93,6 +93,10 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
         mode = se.MODES[task][kind]
         assert se.parse_mode(json.dumps(asdict(mode))) == mode  # what a --role child reads
         space = tmp_path / f"{kind}.toml"
+        if method == "prior" and task not in se.PRIOR:  # no earlier study of a related task
+            with pytest.raises(SystemExit, match="no earlier study for digits"):
+                se.space_text(mode, 1, method=method)
+            continue
         space.write_text(se.space_text(mode, 1, method=method))
         stages = load_space(space).stages
         names = [s.name for s in stages]
@@ -115,7 +119,7 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
             # Only the last is warm-started: it repeats the first stage's parameters.
             assert [s.warm_start for s in stages] == [False, False, True]
         elif method in ("ordered", "regtwice", "ordreg", "centred", "regpat", "strat",
-                        "stratopt"):
+                        "stratopt", "prior"):
             again = "optimizer" if method == "ordered" else "regularization"
             assert names == ["optimizer", "regularization", "architecture", f"{again}-2"]
             assert stages[3].params == stages[names.index(again)].params
@@ -130,7 +134,11 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
             # optimizer stage alone.
             assert [s.sampler.stratified for s in stages] == (
                 [True] * 4 if method == "strat"
-                else [True, False, False, False] if method == "stratopt" else [False] * 4)
+                else [True, False, False, False] if method in ("stratopt", "prior")
+                else [False] * 4)
+            # Only prior's optimizer stage starts from a configuration: the other task's.
+            assert [s.start for s in stages] == (
+                [(se.PRIOR[task],), (), (), ()] if method == "prior" else [()] * 4)
         else:
             assert names == ["joint"] and len(stages[0].params) == 10
         if method in se.SERVICE:
