@@ -5,18 +5,22 @@ that keep many workers and short outages harmless.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
 from sqlalchemy.engine import URL, make_url
+
+from search.db import registry
 
 DEFAULT_URL = "sqlite:///hpo.db"  # in the working directory: the embedded default
 HEARTBEAT_SECONDS = int(os.environ.get("HPO_HEARTBEAT", "10"))
@@ -151,13 +155,16 @@ def open_storage(url: str, *, create_schema: bool = False) -> optuna.storages.RD
     if not create_schema:
         _check_schema_exists(url)
     try:
-        storage = optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs(url),
-            skip_table_creation=not create_schema,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
-        )
+        with _schema_lock(url if create_schema else None):
+            storage = optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs(url),
+                skip_table_creation=not create_schema,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS,
+            )
+            if create_schema:
+                registry.create_schema(storage.engine)
     except ImportError as e:
         raise StorageError(f"storage {redact(url)}: no driver for this database ({e})") from None
     except Exception as e:  # connection refused, unknown database, schema mismatch, ...
@@ -166,6 +173,62 @@ def open_storage(url: str, *, create_schema: bool = False) -> optuna.storages.RD
     if storage.engine.dialect.name == "sqlite":
         _sqlite_wal(storage.engine)
     return storage
+
+
+# The PostgreSQL advisory lock key under which the schema is created (any constant; "hpo" in
+# ASCII), so that two `hpo create` at once on a new database do not both create tables.
+SCHEMA_LOCK_KEY = 0x68706F
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str | None) -> Iterator[None]:
+    """Let one process at a time create the schema, for the block: creating tables checks for
+    each, then creates it, so two processes doing that at once on a new database both create
+    one, and the second fails ("already exists", a duplicate type name or version row).
+    PostgreSQL: its advisory lock SCHEMA_LOCK_KEY, on a connection of its own. SQLite: an
+    exclusive flock on the database file's folder (it creates no file, and SQLite's own locks
+    are fcntl locks on the file, which flock does not touch); where the folder cannot be locked
+    (some network file systems, on which SQLite's WAL mode does not work anyway), none. `url`
+    None, or another database: no lock."""
+    backend = None if url is None else make_url(url).get_backend_name()
+    if backend == "sqlite":
+        with _folder_lock(make_url(url).database):
+            yield
+        return
+    if backend != "postgresql":
+        yield
+        return
+    assert url is not None
+    engine = sqlalchemy.create_engine(url, **engine_kwargs(url))
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"),
+                         {"key": SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"),
+                             {"key": SCHEMA_LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def _folder_lock(database: str | None) -> Iterator[None]:
+    if database in (None, "", ":memory:"):
+        yield
+        return
+    try:
+        fd = os.open(Path(database).resolve().parent, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):  # not lockable here: go on without
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def ping_when_idle(engine: sqlalchemy.Engine, idle_seconds: float = PING_IDLE_SECONDS) -> None:
