@@ -99,7 +99,7 @@ LABELS = {"staged": "staged TPE + median (ours)", "cyclic": "cyclic staged, 2 pa
           "regpat": "regtwice, arch patience",
           "strat": "regtwice, stratified start",
           "stratopt": "regtwice, stratified opt",
-          "prior": "stratopt + earlier study's start",
+          "prior": "stratopt + earlier start",
           "random": "random, no pruning", "tpe": "joint TPE + median",
           "hyperband": "joint TPE + Hyperband"}
 # What runs without --methods (`make bench`): one pass as it was, the order the shipped
