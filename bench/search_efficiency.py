@@ -41,7 +41,9 @@ dropout (regularization). For each seed:
   **ordreg** the same with `ordered`'s shares; **centred** regtwice with the later groups'
   continuous parameters at the centres of their ranges until their stage; **regpat** regtwice
   with patience on its architecture stage (REGPAT); **strat** regtwice with stratified start-up
-  trials in every stage; **stratopt** the same in the optimizer stage only (STRATIFIED).
+  trials in every stage; **stratopt** the same in the optimizer stage only (STRATIFIED);
+  **prior** stratopt whose optimizer stage first trains the best configuration of an earlier
+  study of the other hard task (`start` in the space file; PRIOR; the hard tasks only).
 - **random**: Optuna's RandomSampler over all ten parameters at once, no pruning.
 - **joint TPE**: one TPE study over all ten parameters with the same sampler and median-pruner
   settings as a stage of ours (multivariate, grouped, constant liar), so only the staging
