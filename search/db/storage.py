@@ -190,15 +190,14 @@ def _schema_lock(url: str | None) -> Iterator[None]:
     are fcntl locks on the file, which flock does not touch); where the folder cannot be locked
     (some network file systems, on which SQLite's WAL mode does not work anyway), none. `url`
     None, or another database: no lock."""
-    backend = None if url is None else make_url(url).get_backend_name()
-    if backend == "sqlite":
-        with _folder_lock(make_url(url).database):
+    parsed = None if url is None else make_url(url)
+    if parsed is not None and parsed.get_backend_name() == "sqlite":
+        with _folder_lock(parsed.database):
             yield
         return
-    if backend != "postgresql":
+    if url is None or parsed is None or parsed.get_backend_name() != "postgresql":
         yield
         return
-    assert url is not None
     engine = sqlalchemy.create_engine(url, **engine_kwargs(url))
     try:
         with engine.connect() as conn:
