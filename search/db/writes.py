@@ -173,11 +173,7 @@ def queue_candidates(study: optuna.Study, candidates: list[dict[str, Any]]) -> i
     def attempt() -> int:
         with backend.engine.begin() as conn:
             _lock_study(conn, op.study_id(study))
-            queued = {json.loads(v)["key"] for v in conn.execute(
-                sa.select(_USER_ATTRS.c.value_json)
-                .join(_TRIALS, _TRIALS.c.trial_id == _USER_ATTRS.c.trial_id)
-                .where(_TRIALS.c.study_id == op.study_id(study), _USER_ATTRS.c.key == CANDIDATE)
-            ).scalars()}
+            queued = {v["key"] for v in _attr_values(conn, op.study_id(study), CANDIDATE)}
             for candidate in candidates:
                 if candidate["key"] in queued:
                     continue
@@ -204,11 +200,7 @@ def queue_start(study: optuna.Study, points: Sequence[Mapping[str, Any]]) -> int
     def attempt() -> int:
         with backend.engine.begin() as conn:
             _lock_study(conn, op.study_id(study))
-            queued = {json.loads(v) for v in conn.execute(
-                sa.select(_USER_ATTRS.c.value_json)
-                .join(_TRIALS, _TRIALS.c.trial_id == _USER_ATTRS.c.trial_id)
-                .where(_TRIALS.c.study_id == op.study_id(study), _USER_ATTRS.c.key == START)
-            ).scalars()}
+            queued = set(_attr_values(conn, op.study_id(study), START))
             added = 0
             for index, point in enumerate(points):
                 if index in queued:
@@ -222,6 +214,15 @@ def queue_start(study: optuna.Study, points: Sequence[Mapping[str, Any]]) -> int
             return added
 
     return with_retry("queue start configurations", attempt)
+
+
+def _attr_values(conn: sa.Connection, study_id: int, key: str) -> list[Any]:
+    """The values of user attribute `key` over the study's trials (the queued marks)."""
+    return [json.loads(v) for v in conn.execute(
+        sa.select(_USER_ATTRS.c.value_json)
+        .join(_TRIALS, _TRIALS.c.trial_id == _USER_ATTRS.c.trial_id)
+        .where(_TRIALS.c.study_id == study_id, _USER_ATTRS.c.key == key)
+    ).scalars()]
 
 
 def _set_study_attrs(conn: sa.Connection, study_id: int, attrs: Mapping[str, Any]) -> None:

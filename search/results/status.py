@@ -36,8 +36,8 @@ def status_dict(
             # Complete trials that early stopping ended, and the epochs they did not train.
             "early_stopped": view.early_stopped,
             "epochs_early_stopped": view.epochs_early_stopped,
-            # Trials queued by `hpo enqueue` and from the stage's `start` list.
-            "enqueued": view.enqueued, "started": view.started,
+            # Trials queued from the stage's `start` list.
+            "started": view.started,
             "stage": s.name, "budget": s.budget, "complete": c.complete, "pruned": c.pruned,
             "failed": c.failed, "running": c.running, "waiting": c.waiting,
             "best_value": s.best_value, "best_trial": s.best_trial, "carried": s.carried,
