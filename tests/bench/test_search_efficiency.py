@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import search_efficiency as se  # bench/ is not a package: imported from its folder
 
 from search.space import grid
-from search.space.spec import Pipeline, Stage, load_space
+from search.space.params import in_range
+from search.space.spec import Pipeline, Stage, base_config, load_space
 
 
 def test_runs_are_cut_at_the_budget_in_the_order_trained() -> None:
@@ -296,3 +297,54 @@ def test_criterion_power_grows_with_the_lead_and_the_seeds() -> None:
     assert far == [1.0, 1.0]
     # Seeds the baselines lack do not count.
     assert se.criterion_power(mode, runs[:10], "regtwice", 0.005, (10,)) is None
+
+
+@pytest.mark.parametrize("task", ["digits-hard", "synthetic-hard"])
+def test_the_started_baselines_start_where_prior_starts(task: str, tmp_path: Path) -> None:
+    from trainer.config import TrainConfig, with_overrides
+
+    mode = se.MODES[task]["full"]
+    prior_file, joint_file = tmp_path / "prior.toml", tmp_path / "tpestart.toml"
+    prior_file.write_text(se.space_text(mode, 3, method="prior"))
+    joint_file.write_text(se.space_text(mode, 3, method="tpestart"))
+    prior, joint = load_space(prior_file), load_space(joint_file)
+    # What the service trains first in prior's optimizer stage: its start point over the
+    # stage's base (search/space/spec.py), nothing carried in yet.
+    first = prior.stages[0]
+    (start,) = first.start
+    trained = with_overrides(TrainConfig(), {**base_config(prior, first, {}), **start})
+    point = se.start_point(mode, joint, joint.stages[0])
+    assert set(point) == set(joint.stages[0].params) and len(point) == 10
+    assert point == {name: getattr(trained, name) for name in point}
+    # Every value lies in the joint space (or Optuna would only warn and train it anyway).
+    for name, value in point.items():
+        assert in_range(joint.stages[0].params[name], value) == value
+
+
+def test_a_started_baseline_needs_an_earlier_study(tmp_path: Path) -> None:
+    mode = se.MODES["digits"]["full"]
+    space = tmp_path / "tpestart.toml"
+    space.write_text(se.space_text(mode, 0, method="tpestart"))
+    pipeline = load_space(space)
+    with pytest.raises(SystemExit, match="no earlier study for digits"):
+        se.start_point(mode, pipeline, pipeline.stages[0])
+
+
+def test_a_started_baseline_trains_the_start_first(tmp_path: Path) -> None:
+    from trainer.config import TrainConfig, with_overrides
+    from trainer.train import train
+
+    # One epoch a trial, two epochs in all: the first is the start configuration's.
+    mode = dataclasses.replace(se.MODES["digits-hard"]["full"], budget=2, epochs=1, warmup=1)
+    space = tmp_path / "tpestart.toml"
+    space.write_text(se.space_text(mode, 0, method="tpestart"))
+    run = se.run_joint("tpestart", 0, mode, space)
+    pipeline = load_space(space)
+    stage = pipeline.stages[0]
+    cfg = with_overrides(TrainConfig(), {**base_config(pipeline, stage, {}),
+                                         **se.start_point(mode, pipeline, stage),
+                                         "device": "cpu"})
+    alone = train(cfg, lambda epoch, metrics: None)
+    assert (run.trials, len(run.curve)) == (2, 2)
+    # Training is deterministic for a configuration and seed: the same figure, to the bit.
+    assert run.curve[0] == alone.val_acc
