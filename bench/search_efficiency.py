@@ -93,7 +93,7 @@ from _common import child_env  # bench/, the script's folder, is on the path
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("staged", "cyclic", "random", "tpe", "hyperband", "patience", "screened", "coupled",
            "ordered", "regtwice", "ordreg", "centred", "regpat", "strat", "stratopt", "prior",
-           "randstart", "tpestart", "hbstart")
+           "priorhb", "randstart", "tpestart", "hbstart")
 LABELS = {"staged": "staged TPE + median (ours)", "cyclic": "cyclic staged, 2 passes",
           "patience": "cyclic + patience", "screened": "joint screen, then stages",
           "coupled": "opt+reg, arch, opt+reg", "ordered": "opt, reg, arch, opt-2",
@@ -103,6 +103,7 @@ LABELS = {"staged": "staged TPE + median (ours)", "cyclic": "cyclic staged, 2 pa
           "strat": "regtwice, stratified start",
           "stratopt": "regtwice, stratified opt",
           "prior": "stratopt + earlier start",
+          "priorhb": "prior, Hyperband stages",
           "random": "random, no pruning", "tpe": "joint TPE + median",
           "hyperband": "joint TPE + Hyperband",
           "randstart": "random + start", "tpestart": "joint TPE + median + start",
@@ -113,7 +114,7 @@ LABELS = {"staged": "staged TPE + median (ours)", "cyclic": "cyclic staged, 2 pa
 DEFAULT_METHODS = ("staged", "stratopt", "random", "tpe", "hyperband")
 # The methods that run `hpo run` (the service) rather than an in-process Optuna loop.
 SERVICE = ("staged", "cyclic", "patience", "screened", "coupled", "ordered", "regtwice",
-           "ordreg", "centred", "regpat", "strat", "stratopt", "prior")
+           "ordreg", "centred", "regpat", "strat", "stratopt", "prior", "priorhb")
 # `patience`: cyclic, each stage but the last closed once this many trials in a row have not
 # improved its best, its unspent trials passed on to the next (search/db/writes.py), by stage.
 # Measured on digits-hard (BENCHMARKS.md), the architecture stages improved the best in 2 of 14
@@ -200,7 +201,7 @@ REGPAT = {"architecture": 2}
 # behind joint TPE at 100% there; ahead of regtwice in all six cells on average; at random's
 # final best in 0.42 and 0.38 of random's epochs (mean curve). The shipped CIFAR file's shape.
 STRATIFIED = {"strat": ("optimizer", "regularization", "architecture", "regularization-2"),
-              "stratopt": ("optimizer",), "prior": ("optimizer",)}
+              "stratopt": ("optimizer",), "prior": ("optimizer",), "priorhb": ("optimizer",)}
 # `prior`: `stratopt` whose optimizer stage trains first (`start` in the space file) the best
 # optimizer-stage configuration of one earlier `stratopt` study (seed 0) of the *other* hard task:
 # what a user who tuned a related dataset before brings. Why: random search's final best is a
@@ -212,6 +213,15 @@ STRATIFIED = {"strat": ("optimizer", "regularization", "architecture", "regulari
 # trial on both), so each task's start is that configuration, rounded as a person would copy it.
 PRIOR = {task: {"lr": 1.035, "batch_size": 64, "momentum": 0.877, "warmup_epochs": 1.85}
          for task in ("digits-hard", "synthetic-hard")}
+# `priorhb`: `prior` with Optuna's Hyperband pruner in every stage (`pruner = { type =
+# "hyperband" }`, epochs from 1, reduction factor 3, as the `hyperband` baseline), the last
+# stage's trials sized for trials stopped at epoch 1, the others' shares of the budget at
+# HYPERBAND_PER_TRIAL epochs a trial (`hbstart` measured 2.3 on digits-hard: 120 epochs in 53
+# trials on average over seeds 0-2). Why: given the same start, joint TPE with
+# Hyperband led `prior` at 75% and 100% on digits-hard (BENCHMARKS.md, "The baselines given the
+# same start"), where the median pruner lets no trial stop before epoch 3.
+HYPERBAND_STAGES = ("priorhb",)
+HYPERBAND_PER_TRIAL = 2.0
 # `randstart`, `tpestart`, `hbstart`: each baseline given what `prior` is given, its first trial
 # the configuration `prior` trains first (PRIOR, the other parameters at the values `prior`'s
 # first stage trains them with), queued with Optuna's `enqueue_trial` as a user of a plain
@@ -340,7 +350,8 @@ def centres(stages: list[tuple[str, str]]) -> dict[str, float]:
 
 def stage_trials(mode: Mode, cycles: int, screen: float = 0.0, *,
                  stages: list[tuple[str, str]] | None = None,
-                 shares: Sequence[float] = SHARES) -> list[int]:
+                 shares: Sequence[float] = SHARES, least: int | None = None,
+                 per_trial: float | None = None) -> list[int]:
     """Trial budgets of our stages in the order they run, `cycles` passes of `shares` over
     `stages` (default: stage_params, SHARES); with a `screen` share, first a joint stage of that
     share and the shares scaled to the rest.
@@ -350,14 +361,18 @@ def stage_trials(mode: Mode, cycles: int, screen: float = 0.0, *,
     last one gets enough trials to spend whatever the others left, even if all of them and all
     of its own were pruned at the earliest epoch (a stage with few configurations counted at
     that many trials): the run is cut at the epoch budget, so what pruning saved is spent, and
-    trials past the budget are trained but discarded."""
+    trials past the budget are trained but discarded. `least` overrides that earliest epoch
+    (least_epochs), for a pruner that acts sooner than the median's warm-up, and `per_trial`
+    the epochs a trial is expected to train in converting shares to trials (mode.epochs: all
+    of them), for a pruner that stops most trials early."""
     stages = (stages or stage_params(mode)) * cycles
     shares = [share * (1 - screen) / cycles for share in shares] * cycles
     if screen:
         stages = [("screen", ""), *stages]  # a continuum: configurations("") is None
         shares = [screen, *shares]
-    trials = [max(1, math.floor(mode.budget * share / mode.epochs)) for share in shares[:-1]]
-    least = least_epochs(mode)
+    per = per_trial or mode.epochs
+    trials = [max(1, math.floor(mode.budget * share / per)) for share in shares[:-1]]
+    least = least or least_epochs(mode)
     spent = sum(least * min(t, configurations(params) or t)
                 for t, (_, params) in zip(trials, stages, strict=False))
     trials.append(max(1, math.ceil((mode.budget - spent) / least)))
@@ -388,7 +403,10 @@ def space_text(mode: Mode, seed: int, *, method: str) -> str:
 
     def knobs(stage: str = "joint") -> str:
         stratified = ", stratified = true" if stage in STRATIFIED.get(method, ()) else ""
-        return (f"pruner = {{ startup_trials = {mode.startup}, warmup_epochs = {mode.warmup} }}\n"
+        pruner = (f"startup_trials = {mode.startup}, warmup_epochs = {mode.warmup}"
+                  if method not in HYPERBAND_STAGES else
+                  'type = "hyperband", min_epochs = 1, reduction_factor = 3')
+        return (f"pruner = {{ {pruner} }}\n"
                 f"sampler = {{ startup_trials = {mode.startup}{stratified} }}\n")
 
     stages = stage_params(mode)
@@ -399,7 +417,7 @@ def space_text(mode: Mode, seed: int, *, method: str) -> str:
                 f"epochs = {mode.epochs}\n{knobs()}[stage.params]\n{rows}\n")
     text = textwrap.dedent(head)
     if method in ("coupled", "ordered", "regtwice", "ordreg", "centred", "regpat", "strat",
-                  "stratopt", "prior"):
+                  "stratopt", "prior", "priorhb"):
         stages, shares = {"coupled": (coupled_params(mode), COUPLED),
                           "ordered": (ordered_params(mode), ORDERED),
                           "regtwice": (ordered_params(mode, "regularization"), REGTWICE),
@@ -409,17 +427,21 @@ def space_text(mode: Mode, seed: int, *, method: str) -> str:
                           "strat": (ordered_params(mode, "regularization"), REGTWICE),
                           "stratopt": (ordered_params(mode, "regularization"), REGTWICE),
                           "prior": (ordered_params(mode, "regularization"), REGTWICE),
+                          "priorhb": (ordered_params(mode, "regularization"), REGTWICE),
                           }[method]
         if method == "centred":  # [fixed] is the head's last table
             text += "".join(f"{key} = {value:.6g}\n" for key, value in centres(stages).items())
-        budgets = stage_trials(mode, 1, stages=stages, shares=shares)
+        hyperband = method in HYPERBAND_STAGES
+        budgets = stage_trials(mode, 1, stages=stages, shares=shares,
+                               least=1 if hyperband else None,
+                               per_trial=HYPERBAND_PER_TRIAL if hyperband else None)
         for index, (name, params) in enumerate(stages):
             extra = "warm_start = true\n" if index == len(stages) - 1 else ""
             if method == "regpat" and name in REGPAT:
                 extra += f"patience = {REGPAT[name]}\n"
-            if method == "prior" and index == 0:
+            if method in ("prior", "priorhb") and index == 0:
                 if mode.dataset not in PRIOR:
-                    raise SystemExit(f"--methods prior: no earlier study for {mode.dataset}"
+                    raise SystemExit(f"--methods {method}: no earlier study for {mode.dataset}"
                                      f" (only {', '.join(PRIOR)})")
                 point = ", ".join(f"{k} = {v}" for k, v in PRIOR[mode.dataset].items())
                 extra += f"start = [{{ {point} }}]\n"

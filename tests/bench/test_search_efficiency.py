@@ -94,7 +94,7 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
         mode = se.MODES[task][kind]
         assert se.parse_mode(json.dumps(asdict(mode))) == mode  # what a --role child reads
         space = tmp_path / f"{kind}.toml"
-        if method == "prior" and task not in se.PRIOR:  # no earlier study of a related task
+        if method in ("prior", "priorhb") and task not in se.PRIOR:  # no earlier study of a related task
             with pytest.raises(SystemExit, match="no earlier study for digits"):
                 se.space_text(mode, 1, method=method)
             continue
@@ -120,7 +120,7 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
             # Only the last is warm-started: it repeats the first stage's parameters.
             assert [s.warm_start for s in stages] == [False, False, True]
         elif method in ("ordered", "regtwice", "ordreg", "centred", "regpat", "strat",
-                        "stratopt", "prior"):
+                        "stratopt", "prior", "priorhb"):
             again = "optimizer" if method == "ordered" else "regularization"
             assert names == ["optimizer", "regularization", "architecture", f"{again}-2"]
             assert stages[3].params == stages[names.index(again)].params
@@ -135,11 +135,14 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
             # optimizer stage alone.
             assert [s.sampler.stratified for s in stages] == (
                 [True] * 4 if method == "strat"
-                else [True, False, False, False] if method in ("stratopt", "prior")
+                else [True, False, False, False] if method in ("stratopt", "prior", "priorhb")
                 else [False] * 4)
             # Only prior's optimizer stage starts from a configuration: the other task's.
             assert [s.start for s in stages] == (
-                [(se.PRIOR[task],), (), (), ()] if method == "prior" else [()] * 4)
+                [(se.PRIOR[task],), (), (), ()] if method in ("prior", "priorhb") else [()] * 4)
+            # priorhb prunes every stage with Hyperband, as the `hyperband` baseline does.
+            assert {s.pruner.type for s in stages} == (
+                {"hyperband"} if method == "priorhb" else {"median"})
         else:
             assert names == ["joint"] and len(stages[0].params) == 10
         if method in se.SERVICE:
@@ -174,16 +177,22 @@ def load_space_text(folder: Path, text: str) -> Pipeline:
 def budget_spent_by_design(mode: se.Mode, stages: tuple[Stage, ...]) -> None:
     """The two bounds of the stage trial budgets, read from the loaded space file."""
     # With nothing pruned, every stage's first trial ends within the budget: no stage of any pass
-    # is cut off by the stages before it.
+    # is cut off by the stages before it. Under Hyperband, whose brackets stop most trials early,
+    # that holds at the epochs a trial is expected to train (bench: HYPERBAND_PER_TRIAL).
+    def spent(stage: Stage) -> float:
+        hyperband = stage.pruner.type == "hyperband"
+        return stage.trials * (se.HYPERBAND_PER_TRIAL if hyperband else stage.epochs)
+
     for index, stage in enumerate(stages):
-        before = sum(s.trials * s.epochs for s in stages[:index])
+        before = sum(spent(s) for s in stages[:index])
         assert before + stage.epochs <= mode.budget, (stage.name, before)
     # With every trial pruned as early as the pruner may (from its warm-up epoch, never after the
     # last) and every finite stage closing once its configurations are trained, the trials still
     # spend the whole budget: nothing pruning saves is left idle.
     least = 0
     for stage in stages:
-        first = min(stage.pruner.warmup_epochs, stage.epochs) or 1
+        first = (stage.pruner.min_epochs if stage.pruner.type == "hyperband"
+                 else min(stage.pruner.warmup_epochs, stage.epochs) or 1)
         least += first * min(stage.trials, grid.size(stage.params) or stage.trials)
     assert least >= mode.budget
 
@@ -214,6 +223,11 @@ def test_the_last_stage_takes_what_pruning_saves() -> None:
         10, 9, 6, 15]
     assert se.stage_trials(full, 1, stages=se.ordered_params(full, "regularization"),
                            shares=se.REGTWICE) == [12, 7, 6, math.ceil((120 - 75) / 3)]
+    # `priorhb`: REGTWICE's 48, 30 and 24 epochs at 2 a trial (24, 15 and 12 trials), the last
+    # what those stopped at epoch 1 leave, the architecture's 12 counted as its 8
+    # configurations: 120 - (24 + 15 + 8).
+    assert se.stage_trials(full, 1, stages=se.ordered_params(full, "regularization"),
+                           shares=se.REGTWICE, least=1, per_trial=2.0) == [24, 15, 12, 73]
 
 
 def test_a_stored_run_is_reused_only_for_the_same_runs(tmp_path: Path) -> None:
