@@ -94,7 +94,8 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
         mode = se.MODES[task][kind]
         assert se.parse_mode(json.dumps(asdict(mode))) == mode  # what a --role child reads
         space = tmp_path / f"{kind}.toml"
-        if method in ("prior", "priorhb") and task not in se.PRIOR:  # no earlier study of a related task
+        # No earlier study of a related task for digits.
+        if method in ("prior", "priorhb") and task not in se.PRIOR:
             with pytest.raises(SystemExit, match="no earlier study for digits"):
                 se.space_text(mode, 1, method=method)
             continue
