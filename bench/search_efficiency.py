@@ -107,7 +107,7 @@ LABELS = {"staged": "staged TPE + median (ours)", "cyclic": "cyclic staged, 2 pa
           "random": "random, no pruning", "tpe": "joint TPE + median",
           "hyperband": "joint TPE + Hyperband",
           "randstart": "random + start", "tpestart": "joint TPE + median + start",
-          "hbstart": "joint TPE + Hyperband + start"}
+          "hbstart": "joint Hyperband + start"}
 # What runs without --methods (`make bench`): one pass as it was, the order the shipped
 # spaces/cifar10-resnet.toml uses, and the three baselines; the other methods are measured
 # ideas, kept so that their committed runs can be read again (BENCHMARKS.md).
