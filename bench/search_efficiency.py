@@ -219,7 +219,9 @@ PRIOR = {task: {"lr": 1.035, "batch_size": 64, "momentum": 0.877, "warmup_epochs
 # HYPERBAND_PER_TRIAL epochs a trial (`hbstart` measured 2.3 on digits-hard: 120 epochs in 53
 # trials on average over seeds 0-2). Why: given the same start, joint TPE with
 # Hyperband led `prior` at 75% and 100% on digits-hard (BENCHMARKS.md, "The baselines given the
-# same start"), where the median pruner lets no trial stop before epoch 3.
+# same start"), where the median pruner lets no trial stop before epoch 3. Measured there: below
+# `prior` at every fraction; its stages trained 2.2 epochs a trial, so in 3 of 10 seeds the last
+# stage never started.
 HYPERBAND_STAGES = ("priorhb",)
 HYPERBAND_PER_TRIAL = 2.0
 # `randstart`, `tpestart`, `hbstart`: each baseline given what `prior` is given, its first trial

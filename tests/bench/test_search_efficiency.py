@@ -349,8 +349,8 @@ def test_a_started_baseline_trains_the_start_first(tmp_path: Path) -> None:
     from trainer.config import TrainConfig, with_overrides
     from trainer.train import train
 
-    # One epoch a trial, two epochs in all: the first is the start configuration's.
-    mode = dataclasses.replace(se.MODES["digits-hard"]["full"], budget=2, epochs=1, warmup=1)
+    # A budget of one trial of two epochs: the start configuration's, or another's.
+    mode = dataclasses.replace(se.MODES["digits-hard"]["full"], budget=2, epochs=2, warmup=2)
     space = tmp_path / "tpestart.toml"
     space.write_text(se.space_text(mode, 0, method="tpestart"))
     run = se.run_joint("tpestart", 0, mode, space)
@@ -359,7 +359,9 @@ def test_a_started_baseline_trains_the_start_first(tmp_path: Path) -> None:
     cfg = with_overrides(TrainConfig(), {**base_config(pipeline, stage, {}),
                                          **se.start_point(mode, pipeline, stage),
                                          "device": "cpu"})
-    alone = train(cfg, lambda epoch, metrics: None)
-    assert (run.trials, len(run.curve)) == (2, 2)
-    # Training is deterministic for a configuration and seed: the same figure, to the bit.
-    assert run.curve[0] == alone.val_acc
+    alone: list[float] = []
+    train(cfg, lambda epoch, metrics: alone.append(metrics["val_acc"]))
+    assert run.trials == 1 and len(alone) == 2
+    # Training is deterministic for a configuration and seed: both epochs' figures, to the bit
+    # (one epoch's accuracy alone can coincide between configurations, on 1,152 images).
+    assert run.curve == alone
