@@ -213,6 +213,8 @@ STRATIFIED = {"strat": ("optimizer", "regularization", "architecture", "regulari
 # trial on both), so each task's start is that configuration, rounded as a person would copy it.
 PRIOR = {task: {"lr": 1.035, "batch_size": 64, "momentum": 0.877, "warmup_epochs": 1.85}
          for task in ("digits-hard", "synthetic-hard")}
+# The methods of ours whose optimizer stage starts from PRIOR.
+FROM_PRIOR = ("prior", "priorhb")
 # `priorhb`: `prior` with Optuna's Hyperband pruner in every stage (`pruner = { type =
 # "hyperband" }`, epochs from 1, reduction factor 3, as the `hyperband` baseline), the last
 # stage's trials sized for trials stopped at epoch 1, the others' shares of the budget at
@@ -441,7 +443,7 @@ def space_text(mode: Mode, seed: int, *, method: str) -> str:
             extra = "warm_start = true\n" if index == len(stages) - 1 else ""
             if method == "regpat" and name in REGPAT:
                 extra += f"patience = {REGPAT[name]}\n"
-            if method in ("prior", "priorhb") and index == 0:
+            if method in FROM_PRIOR and index == 0:
                 if mode.dataset not in PRIOR:
                     raise SystemExit(f"--methods {method}: no earlier study for {mode.dataset}"
                                      f" (only {', '.join(PRIOR)})")

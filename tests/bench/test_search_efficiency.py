@@ -95,7 +95,7 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
         assert se.parse_mode(json.dumps(asdict(mode))) == mode  # what a --role child reads
         space = tmp_path / f"{kind}.toml"
         # No earlier study of a related task for digits.
-        if method in ("prior", "priorhb") and task not in se.PRIOR:
+        if method in se.FROM_PRIOR and task not in se.PRIOR:
             with pytest.raises(SystemExit, match="no earlier study for digits"):
                 se.space_text(mode, 1, method=method)
             continue
@@ -140,7 +140,7 @@ def test_every_space_file_loads_and_the_mode_round_trips(task: str, method: str,
                 else [False] * 4)
             # Only prior's optimizer stage starts from a configuration: the other task's.
             assert [s.start for s in stages] == (
-                [(se.PRIOR[task],), (), (), ()] if method in ("prior", "priorhb") else [()] * 4)
+                [(se.PRIOR[task],), (), (), ()] if method in se.FROM_PRIOR else [()] * 4)
             # priorhb prunes every stage with Hyperband, as the `hyperband` baseline does.
             assert {s.pruner.type for s in stages} == (
                 {"hyperband"} if method == "priorhb" else {"median"})
