@@ -190,12 +190,12 @@ def _schema_lock(url: str | None) -> Iterator[None]:
     are fcntl locks on the file, which flock does not touch); where the folder cannot be locked
     (some network file systems, on which SQLite's WAL mode does not work anyway), none. `url`
     None, or another database: no lock."""
-    backend = None if url is None else make_url(url).get_backend_name()
-    if url is None or backend not in ("sqlite", "postgresql"):
+    parsed = None if url is None else make_url(url)
+    if url is None or parsed is None or parsed.get_backend_name() not in ("sqlite", "postgresql"):
         yield
         return
-    if backend == "sqlite":
-        with _folder_lock(make_url(url).database):
+    if parsed.get_backend_name() == "sqlite":
+        with _folder_lock(parsed.database):
             yield
         return
     engine = sqlalchemy.create_engine(url, **engine_kwargs(url))
